@@ -1,0 +1,2 @@
+//! Per-request overhead benchmark (filled in by the next commit).
+fn main() {}

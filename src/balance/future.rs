@@ -1,0 +1,102 @@
+//! The balancer's response future.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower::BoxError;
+use tower_service::Service;
+
+use crate::endpoint::InFlightGuard;
+use crate::error::Error;
+
+pin_project! {
+    /// The response future of [`Balance`](crate::Balance).
+    ///
+    /// It owns the request's [`InFlightGuard`]: the endpoint's in-flight count drops when the
+    /// response arrives, when the call fails (counted as a failure), or when this future is
+    /// dropped or unwinds unfinished.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+        guard: Option<InFlightGuard>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        // The endpoint was ready and has been called.
+        Called { #[pin] future: S::Future },
+        // A keyed pick whose endpoint was not ready at once: ready it, then call it.
+        Readying { #[pin] oneshot: Oneshot<S, Req> },
+        // The balancer could not dispatch the request.
+        Failed { error: Option<Error> },
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    pub(crate) fn called(future: S::Future, guard: InFlightGuard) -> Self {
+        Self {
+            state: State::Called { future },
+            guard: Some(guard),
+        }
+    }
+
+    pub(crate) fn readying(oneshot: Oneshot<S, Req>, guard: InFlightGuard) -> Self {
+        Self {
+            state: State::Readying { oneshot },
+            guard: Some(guard),
+        }
+    }
+
+    pub(crate) fn failed(error: Error) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+            guard: None,
+        }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.state.project() {
+            StateProj::Called { future } => ready!(future.poll(cx)),
+            StateProj::Readying { oneshot } => ready!(oneshot.poll(cx)),
+            StateProj::Failed { error } => {
+                let error = error.take().unwrap_or(Error::NotReady);
+                return Poll::Ready(Err(error.into()));
+            }
+        };
+        // Release the endpoint now, not when the caller drops the finished future.
+        if let Some(guard) = this.guard.take() {
+            if result.is_err() {
+                guard.record_failure();
+            }
+        }
+        Poll::Ready(result.map_err(Into::into))
+    }
+}
+
+impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("guard", &self.guard)
+            .finish_non_exhaustive()
+    }
+}

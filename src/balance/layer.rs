@@ -1,0 +1,108 @@
+//! `BalanceLayer`: builds a `Balance` over a discovery stream.
+
+use std::fmt;
+use std::hash::Hash;
+use std::time::Duration;
+
+use tower::discover::Discover;
+use tower::BoxError;
+use tower_layer::Layer;
+
+use super::service::Balance;
+use super::shared::Config;
+use crate::error::ConfigError;
+use crate::key::NoKey;
+use crate::strategy::Strategy;
+
+/// The longest bounded wait for endpoints that is accepted: a day. Longer is not a bound a
+/// caller would notice, and it keeps the deadline arithmetic far from overflow.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A [`Layer`] that turns a [`Discover`] stream of endpoint services into a [`Balance`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use tower_lb::{BalanceLayer, RoundRobin};
+///
+/// let layer = BalanceLayer::new(RoundRobin::new())
+///     .wait_for_endpoints(Duration::from_millis(500))
+///     .expect("a bounded wait");
+/// let builder = ServiceBuilder::new().layer(layer);
+/// # let _ = builder;
+/// ```
+#[derive(Clone)]
+pub struct BalanceLayer<St, Kx = NoKey> {
+    strategy: St,
+    key: Kx,
+    config: Config,
+}
+
+impl<St> BalanceLayer<St> {
+    /// A layer that balances with `strategy`, failing at once when there are no endpoints.
+    pub fn new(strategy: St) -> Self {
+        Self {
+            strategy,
+            key: NoKey,
+            config: Config::default(),
+        }
+    }
+}
+
+impl<St, Kx> BalanceLayer<St, Kx> {
+    /// When no endpoint is available, let `poll_ready` wait up to `wait` for discovery to
+    /// produce one before failing with [`Error::NoEndpoints`](crate::Error::NoEndpoints).
+    ///
+    /// The wait needs tokio's timer (a runtime with time enabled). Waits longer than a day are
+    /// rejected: they would not be a bound.
+    pub fn wait_for_endpoints(mut self, wait: Duration) -> Result<Self, ConfigError> {
+        if wait > MAX_WAIT {
+            return Err(ConfigError::new(
+                "wait_for_endpoints",
+                format!("{wait:?} is longer than the one-day maximum; use a bounded wait"),
+            ));
+        }
+        self.config.wait_for_endpoints = (!wait.is_zero()).then_some(wait);
+        Ok(self)
+    }
+
+    /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing).
+    /// Unkeyed strategies ignore it.
+    pub fn key<K>(self, key: K) -> BalanceLayer<St, K> {
+        BalanceLayer {
+            strategy: self.strategy,
+            key,
+            config: self.config,
+        }
+    }
+}
+
+impl<D, St, Kx> Layer<D> for BalanceLayer<St, Kx>
+where
+    D: Discover + Send + 'static,
+    D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    D::Service: Clone + Send + 'static,
+    D::Error: Into<BoxError>,
+    St: Strategy + Clone,
+    Kx: Clone + Send + Sync + 'static,
+{
+    type Service = Balance<D, St, Kx>;
+
+    fn layer(&self, discover: D) -> Self::Service {
+        Balance::with_parts(
+            discover,
+            self.strategy.clone(),
+            self.key.clone(),
+            self.config,
+        )
+    }
+}
+
+impl<St: fmt::Debug, Kx> fmt::Debug for BalanceLayer<St, Kx> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceLayer")
+            .field("strategy", &self.strategy)
+            .field("wait_for_endpoints", &self.config.wait_for_endpoints)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,437 @@
+//! The `Balance` service.
+
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::sync::{mpsc, Notify};
+use tower::discover::Discover;
+use tower::util::Oneshot;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::driver::Driver;
+use super::future::ResponseFuture;
+use super::shared::{Config, Control, Registry, Shared, SharedOf, Snapshot};
+use crate::error::Error;
+use crate::key::{NoKey, RequestKey};
+use crate::stats::Stats;
+use crate::strategy::{Endpoints, LocalState, PickContext, Picker, Strategy};
+use crate::sync::{lock, AtomicBool, AtomicU64, Mutex};
+use crate::table::Published;
+
+/// Picks an endpoint per request from a discovered set; see the [crate docs](crate).
+///
+/// Built by [`BalanceLayer`](crate::BalanceLayer) or [`Balance::new`]. Cloning is cheap (one
+/// reference-count bump): clones share the endpoint table, the counters, the strategy and the
+/// discovery task, and each keeps its own copies of the endpoint services (cloned from the
+/// table when it changes) so it can poll them without locks.
+///
+/// The discovery task runs on the tokio runtime current at construction (or, if there is
+/// none, the one current at the first `poll_ready`); it processes changes even when no
+/// request arrives, and ends when the last clone is dropped.
+pub struct Balance<D, St, Kx = NoKey>
+where
+    D: Discover,
+    St: Strategy,
+{
+    shared: Arc<SharedOf<D, St, Kx>>,
+    local: Local<D::Service, St::Picker>,
+    _discover: PhantomData<fn() -> D>,
+}
+
+/// One clone's view of the table.
+struct Local<S, P> {
+    /// The version of `snapshot`; `u64::MAX` before the first sync.
+    version: u64,
+    snapshot: Option<crate::sync::Arc<Snapshot<S, P>>>,
+    /// This clone's copies of the endpoint services, in table order.
+    services: Vec<S>,
+    /// Endpoints whose service failed `poll_ready` in this clone.
+    dead: Vec<bool>,
+    reserved: Reserved,
+    pick: LocalState,
+    wait: Option<Pin<Box<Waiting>>>,
+}
+
+/// What `poll_ready` promised `call`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reserved {
+    None,
+    /// This endpoint reported ready.
+    Endpoint(usize),
+    /// The strategy is keyed: `call` picks, and readies the endpoint it picked.
+    Keyed,
+}
+
+pin_project! {
+    /// A bounded wait for discovery to produce endpoints.
+    struct Waiting {
+        #[pin]
+        deadline: tokio::time::Sleep,
+        #[pin]
+        published: tokio::sync::futures::OwnedNotified,
+        notify: Arc<Notify>,
+    }
+}
+
+enum Woken {
+    Published,
+    TimedOut,
+}
+
+impl Waiting {
+    fn new(wait: Duration, notify: &Arc<Notify>) -> Self {
+        Self {
+            deadline: tokio::time::sleep(wait),
+            published: Arc::clone(notify).notified_owned(),
+            notify: Arc::clone(notify),
+        }
+    }
+
+    fn poll_woken(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Woken> {
+        let mut this = self.project();
+        if this.published.as_mut().poll(cx).is_ready() {
+            // Re-arm for the next publish; the deadline stays.
+            this.published.set(Arc::clone(this.notify).notified_owned());
+            return Poll::Ready(Woken::Published);
+        }
+        if this.deadline.poll(cx).is_ready() {
+            return Poll::Ready(Woken::TimedOut);
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: Clone, P> Local<S, P> {
+    fn new() -> Self {
+        Self {
+            version: u64::MAX,
+            snapshot: None,
+            services: Vec::new(),
+            dead: Vec::new(),
+            reserved: Reserved::None,
+            pick: LocalState::new(),
+            wait: None,
+        }
+    }
+
+    /// Takes the newest snapshot and clones its services; drops any reservation.
+    fn sync(&mut self, table: &Published<Snapshot<S, P>>) {
+        let (version, snapshot) = table.load();
+        self.services.clear();
+        self.services
+            .extend(lock(&snapshot.services).iter().cloned());
+        self.dead.clear();
+        self.dead.resize(self.services.len(), false);
+        self.snapshot = Some(snapshot);
+        self.version = version;
+        self.reserved = Reserved::None;
+    }
+}
+
+impl<D, St> Balance<D, St>
+where
+    D: Discover + Send + 'static,
+    D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    D::Service: Clone + Send + 'static,
+    D::Error: Into<BoxError>,
+    St: Strategy,
+{
+    /// Balances over the endpoints `discover` yields, choosing with `strategy`.
+    pub fn new(discover: D, strategy: St) -> Self {
+        Self::with_parts(discover, strategy, NoKey, Config::default())
+    }
+}
+
+impl<D, St, Kx> Balance<D, St, Kx>
+where
+    D: Discover + Send + 'static,
+    D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    D::Service: Clone + Send + 'static,
+    D::Error: Into<BoxError>,
+    St: Strategy,
+    Kx: Send + Sync + 'static,
+{
+    pub(crate) fn with_parts(discover: D, strategy: St, key: Kx, config: Config) -> Self {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let empty = strategy.build(&Endpoints::new(&[]));
+        let shared = Arc::new(Shared {
+            table: Published::new(Snapshot {
+                endpoints: Box::new([]),
+                services: Mutex::new(Box::new([])),
+                picker: empty,
+            }),
+            registry: Mutex::new(Registry::new()),
+            published: Arc::new(Notify::new()),
+            control,
+            key,
+            config,
+            unspawned: Mutex::new(None),
+            spawned: AtomicBool::new(false),
+            discovery_errors: AtomicU64::new(0),
+            discovery_ended: AtomicBool::new(false),
+        });
+        let mut driver = Driver::new(discover, strategy, control_rx, Arc::downgrade(&shared));
+        // Take in whatever discovery has ready now (a fixed list, say), so the first request
+        // does not race the task's first turn. The task registers its real waker when it runs.
+        let _ = driver.poll_step(&mut Context::from_waker(std::task::Waker::noop()));
+        *lock(&shared.unspawned) = Some(Box::pin(driver));
+        // Start discovery now if a runtime is current; otherwise at the first poll_ready.
+        let _ = shared.spawn_driver();
+        Self {
+            shared,
+            local: Local::new(),
+            _discover: PhantomData,
+        }
+    }
+}
+
+impl<D, St, Kx> Balance<D, St, Kx>
+where
+    D: Discover,
+    D::Key: Hash + Eq + Clone,
+    St: Strategy,
+{
+    /// A snapshot of every endpoint's counters and state.
+    pub fn stats(&self) -> Stats<D::Key> {
+        self.shared.stats()
+    }
+}
+
+impl<D, St, Kx> Balance<D, St, Kx>
+where
+    D: Discover,
+    D::Service: Clone,
+    St: Strategy,
+{
+    /// Polls endpoint `index` of this clone for readiness. A failed endpoint is counted,
+    /// skipped by this clone from now on and reported to the discovery task.
+    fn poll_endpoint<Req>(&mut self, index: usize, cx: &mut Context<'_>) -> Poll<bool>
+    where
+        D::Service: Service<Req>,
+        <D::Service as Service<Req>>::Error: Into<BoxError>,
+    {
+        if self.local.dead[index] {
+            return Poll::Ready(false);
+        }
+        let Some(snapshot) = &self.local.snapshot else {
+            return Poll::Ready(false);
+        };
+        let handle = &snapshot.endpoints[index];
+        if handle.is_broken() {
+            return Poll::Ready(false);
+        }
+        match self.local.services[index].poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(true),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(error)) => {
+                let error: BoxError = error.into();
+                tracing::debug!(%error, "endpoint failed poll_ready");
+                handle.record_failure();
+                self.local.dead[index] = true;
+                let _ = self.shared.control.send(Control::Failed {
+                    handle: handle.clone(),
+                    version: self.local.version,
+                });
+                Poll::Ready(false)
+            }
+        }
+    }
+
+    /// Asks the picker (up to three times), then scans, for a ready endpoint.
+    ///
+    /// `Ready(Some(i))`: endpoint `i` is ready. `Ready(None)`: every endpoint has failed.
+    /// `Pending`: some endpoint is pending and none is ready; each pending one will wake us.
+    fn pick_ready<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Option<usize>>
+    where
+        D::Service: Service<Req>,
+        <D::Service as Service<Req>>::Error: Into<BoxError>,
+    {
+        let Some(snapshot) = self.local.snapshot.clone() else {
+            return Poll::Ready(None);
+        };
+        let endpoints = Endpoints::new(&snapshot.endpoints);
+        let n = endpoints.len();
+        if n == 0 {
+            return Poll::Ready(None);
+        }
+        let mut pending = false;
+        for _ in 0..3 {
+            let mut pick_cx = PickContext {
+                local: &mut self.local.pick,
+                key_hash: None,
+            };
+            let Some(index) = snapshot.picker.pick(&endpoints, &mut pick_cx) else {
+                break;
+            };
+            if index >= n {
+                break;
+            }
+            match self.poll_endpoint::<Req>(index, cx) {
+                Poll::Ready(true) => return Poll::Ready(Some(index)),
+                Poll::Ready(false) => {}
+                Poll::Pending => pending = true,
+            }
+        }
+        let start = self.local.pick.rng.below(n);
+        for offset in 0..n {
+            let index = (start + offset) % n;
+            match self.poll_endpoint::<Req>(index, cx) {
+                Poll::Ready(true) => return Poll::Ready(Some(index)),
+                Poll::Ready(false) => {}
+                Poll::Pending => pending = true,
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+
+    /// No endpoint is usable: fail at once, or wait (bounded) for discovery.
+    fn poll_no_endpoints(&mut self, seen: u64, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(wait) = self.shared.config.wait_for_endpoints else {
+            return Poll::Ready(Err(Error::NoEndpoints.into()));
+        };
+        let waiting = self
+            .local
+            .wait
+            .get_or_insert_with(|| Box::pin(Waiting::new(wait, &self.shared.published)));
+        // A publish between our version check and arming the wait would be missed otherwise.
+        if self.shared.table.version() != seen {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match waiting.as_mut().poll_woken(cx) {
+            Poll::Ready(Woken::Published) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Woken::TimedOut) => {
+                self.local.wait = None;
+                Poll::Ready(Err(Error::NoEndpoints.into()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<D, St, Kx, Req> Service<Req> for Balance<D, St, Kx>
+where
+    D: Discover,
+    D::Service: Service<Req> + Clone,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    St: Strategy,
+    Kx: RequestKey<Req>,
+{
+    type Response = <D::Service as Service<Req>>::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<D::Service, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.shared.ensure_driver()?;
+        let version = self.shared.table.version();
+        if version != self.local.version {
+            self.local.sync(&self.shared.table);
+        } else if self.local.reserved != Reserved::None {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(snapshot) = &self.local.snapshot else {
+            return self.poll_no_endpoints(version, cx);
+        };
+        let usable = if snapshot.picker.is_keyed() {
+            let live = (0..self.local.dead.len())
+                .any(|i| !self.local.dead[i] && !snapshot.endpoints[i].is_broken());
+            live.then_some(Reserved::Keyed)
+        } else {
+            match self.pick_ready::<Req>(cx) {
+                Poll::Ready(found) => found.map(Reserved::Endpoint),
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        match usable {
+            Some(reserved) => {
+                self.local.reserved = reserved;
+                self.local.wait = None;
+                Poll::Ready(Ok(()))
+            }
+            None => self.poll_no_endpoints(self.local.version, cx),
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let reserved = std::mem::replace(&mut self.local.reserved, Reserved::None);
+        let Some(snapshot) = &self.local.snapshot else {
+            return ResponseFuture::failed(Error::NotReady);
+        };
+        let index = match reserved {
+            Reserved::None => return ResponseFuture::failed(Error::NotReady),
+            Reserved::Endpoint(index) => index,
+            Reserved::Keyed => {
+                let mut pick_cx = PickContext {
+                    local: &mut self.local.pick,
+                    key_hash: self.shared.key.key_hash(&request),
+                };
+                let endpoints = Endpoints::new(&snapshot.endpoints);
+                match snapshot.picker.pick(&endpoints, &mut pick_cx) {
+                    Some(index) if index < endpoints.len() => {
+                        let guard = snapshot.endpoints[index].dispatch();
+                        let service = &mut self.local.services[index];
+                        let mut noop = Context::from_waker(std::task::Waker::noop());
+                        return match service.poll_ready(&mut noop) {
+                            Poll::Ready(Ok(())) => {
+                                ResponseFuture::called(service.call(request), guard)
+                            }
+                            // Not ready (or failing): let the response future ready a clone
+                            // of it, so the request still goes where its key maps.
+                            _ => ResponseFuture::readying(
+                                Oneshot::new(service.clone(), request),
+                                guard,
+                            ),
+                        };
+                    }
+                    _ => return ResponseFuture::failed(Error::NoEndpoints),
+                }
+            }
+        };
+        let guard = snapshot.endpoints[index].dispatch();
+        ResponseFuture::called(self.local.services[index].call(request), guard)
+    }
+}
+
+impl<D, St, Kx> Clone for Balance<D, St, Kx>
+where
+    D: Discover,
+    D::Service: Clone,
+    St: Strategy,
+{
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            local: Local::new(),
+            _discover: PhantomData,
+        }
+    }
+}
+
+impl<D, St, Kx> fmt::Debug for Balance<D, St, Kx>
+where
+    D: Discover,
+    St: Strategy,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("version", &self.local.version)
+            .field("endpoints", &self.local.services.len())
+            .field("reserved", &self.local.reserved)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,194 @@
+//! State shared by every clone of one balancer and by its discovery task.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::endpoint::EndpointHandle;
+use crate::error::Error;
+use crate::stats::{EndpointStats, EndpointStatus, Stats};
+use crate::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::table::Published;
+
+/// Settings that do not depend on the strategy.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Config {
+    /// How long `poll_ready` waits for discovery to produce an endpoint before failing with
+    /// `NoEndpoints`; `None` fails at once.
+    pub(crate) wait_for_endpoints: Option<Duration>,
+}
+
+/// One published endpoint set: what a clone picks from and calls.
+pub(crate) struct Snapshot<S, P> {
+    pub(crate) endpoints: Box<[EndpointHandle]>,
+    /// The services to clone into each `Balance` clone, in the order of `endpoints`. Behind a
+    /// mutex so that services need only be `Send`; it is locked only when a clone resyncs.
+    pub(crate) services: Mutex<Box<[S]>>,
+    pub(crate) picker: P,
+}
+
+/// Messages from the request path (and handles) to the discovery task.
+pub(crate) enum Control {
+    /// A clone saw this endpoint's service fail `poll_ready`, in the snapshot of `version`.
+    Failed {
+        handle: EndpointHandle,
+        version: u64,
+    },
+}
+
+/// One endpoint known to discovery.
+pub(crate) struct Member<K, S> {
+    pub(crate) key: K,
+    pub(crate) handle: EndpointHandle,
+    pub(crate) service: S,
+    /// The first table version whose snapshot carries `service`: a readiness failure seen in
+    /// an older snapshot came from a service that has since been replaced.
+    pub(crate) since: u64,
+}
+
+/// Membership, owned by the discovery task and read for stats.
+pub(crate) struct Registry<K, S> {
+    pub(crate) members: Vec<Member<K, S>>,
+    pub(crate) index: HashMap<K, usize>,
+    /// Removed endpoints that may still have requests in flight or reserved.
+    pub(crate) retired: Vec<(K, EndpointHandle)>,
+    /// Picks and failures of removed endpoints that have been forgotten.
+    pub(crate) forgotten: (u64, u64),
+}
+
+impl<K: Hash + Eq + Clone, S> Registry<K, S> {
+    pub(crate) fn new() -> Self {
+        Self {
+            members: Vec::new(),
+            index: HashMap::new(),
+            retired: Vec::new(),
+            forgotten: (0, 0),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &K) -> Option<Member<K, S>> {
+        let position = self.index.remove(key)?;
+        let member = self.members.swap_remove(position);
+        if let Some(moved) = self.members.get(position) {
+            self.index.insert(moved.key.clone(), position);
+        }
+        Some(member)
+    }
+
+    /// Forgets removed endpoints that nothing can dispatch to any more and that have nothing
+    /// in flight.
+    pub(crate) fn prune_retired(&mut self) {
+        let forgotten = &mut self.forgotten;
+        self.retired.retain(|(_, handle)| {
+            let keep = !handle.is_idle_and_unshared();
+            if !keep {
+                forgotten.0 += handle.picks();
+                forgotten.1 += handle.failures();
+            }
+            keep
+        });
+    }
+
+    pub(crate) fn stats(&mut self) -> Vec<EndpointStats<K>> {
+        self.prune_retired();
+        let active = self.members.iter().map(|m| {
+            let status = if m.handle.is_broken() {
+                EndpointStatus::Broken
+            } else {
+                EndpointStatus::Active
+            };
+            endpoint_stats(&m.key, &m.handle, status)
+        });
+        let retired = self
+            .retired
+            .iter()
+            .map(|(key, handle)| endpoint_stats(key, handle, EndpointStatus::Removed));
+        active.chain(retired).collect()
+    }
+}
+
+fn endpoint_stats<K: Clone>(
+    key: &K,
+    handle: &EndpointHandle,
+    status: EndpointStatus,
+) -> EndpointStats<K> {
+    EndpointStats {
+        key: key.clone(),
+        in_flight: handle.in_flight(),
+        picks: handle.picks(),
+        failures: handle.failures(),
+        weight: handle.weight(),
+        status,
+    }
+}
+
+/// The shared state of a balancer over `D` with strategy `St` and request key `Kx`.
+pub(crate) type SharedOf<D, St, Kx> = Shared<
+    <D as tower::discover::Discover>::Key,
+    <D as tower::discover::Discover>::Service,
+    <St as crate::strategy::Strategy>::Picker,
+    Kx,
+>;
+
+pub(crate) type DriverFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pub(crate) struct Shared<K, S, P, Kx> {
+    pub(crate) table: Published<Snapshot<S, P>>,
+    pub(crate) registry: Mutex<Registry<K, S>>,
+    /// Woken on every publish, for clones waiting for endpoints.
+    pub(crate) published: std::sync::Arc<Notify>,
+    /// The discovery task ends when this, the only sender, is dropped with the last clone.
+    pub(crate) control: mpsc::UnboundedSender<Control>,
+    pub(crate) key: Kx,
+    pub(crate) config: Config,
+    /// The discovery task, until it is spawned: at construction when a runtime is current,
+    /// otherwise at the first `poll_ready`.
+    pub(crate) unspawned: Mutex<Option<DriverFuture>>,
+    pub(crate) spawned: AtomicBool,
+    pub(crate) discovery_errors: AtomicU64,
+    pub(crate) discovery_ended: AtomicBool,
+}
+
+impl<K, S, P, Kx> Shared<K, S, P, Kx> {
+    /// Makes sure the discovery task runs; fails only if it has not been started yet and there
+    /// is still no runtime to start it on.
+    #[inline]
+    pub(crate) fn ensure_driver(&self) -> Result<(), Error> {
+        if self.spawned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.spawn_driver()
+    }
+
+    #[cold]
+    pub(crate) fn spawn_driver(&self) -> Result<(), Error> {
+        let mut unspawned = lock(&self.unspawned);
+        if unspawned.is_some() {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+            if let Some(driver) = unspawned.take() {
+                runtime.spawn(driver);
+            }
+        }
+        self.spawned.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub(crate) fn stats(&self) -> Stats<K>
+    where
+        K: Hash + Eq + Clone,
+    {
+        let mut registry = lock(&self.registry);
+        let endpoints = registry.stats();
+        Stats {
+            endpoints,
+            removed_picks: registry.forgotten.0,
+            removed_failures: registry.forgotten.1,
+            discovery_errors: self.discovery_errors.load(Ordering::Relaxed),
+            discovery_ended: self.discovery_ended.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Per-endpoint state shared by the endpoint table, the strategies and the in-flight guards.
+//!
+//! An endpoint's state is one heap cell whose life is counted by hand, because the count *is*
+//! the in-flight gauge: the low 32 bits of `refs` count in-flight requests (each
+//! [`InFlightGuard`] holds one), the high 32 bits count the table handles that own the cell.
+//! A guard therefore costs one atomic add to create and one atomic subtract to drop, and it
+//! keeps the state alive on its own: removing the endpoint, swapping the strategy or
+//! publishing a new table never invalidates a guard, and a guard never refers to a slot index
+//! that could be reused for another endpoint.
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// One table handle, in the high half of `refs`.
+const OWNER: u64 = 1 << 32;
+/// The in-flight count, in the low half of `refs`.
+const IN_FLIGHT_MASK: u64 = OWNER - 1;
+
+/// The shared state of one endpoint.
+///
+/// Aligned to two cache lines so that counters of different endpoints, touched by different
+/// threads, never share a line.
+#[repr(align(128))]
+pub(crate) struct EndpointState {
+    /// `owners << 32 | in_flight`.
+    refs: AtomicU64,
+    /// Requests dispatched to this endpoint since it was first inserted.
+    picks: AtomicU64,
+    /// Requests and readiness checks that failed.
+    failures: AtomicU64,
+    /// The current weight (at least 1).
+    weight: AtomicU32,
+    /// Set when the endpoint's service failed `poll_ready`; cleared when it is re-inserted.
+    broken: AtomicBool,
+    /// Lets loom see the cell's life: a leaked cell leaks this `Arc` and a double free drops
+    /// it twice, and loom reports both.
+    #[cfg(tower_lb_loom)]
+    _life: crate::sync::Arc<()>,
+}
+
+impl EndpointState {
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.refs.load(Ordering::Acquire) & IN_FLIGHT_MASK
+    }
+
+    pub(crate) fn picks(&self) -> u64 {
+        self.picks.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Marks the endpoint broken; returns `true` for the caller that changed the flag.
+    pub(crate) fn mark_broken(&self) -> bool {
+        !self.broken.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn clear_broken(&self) {
+        self.broken.store(false, Ordering::Release);
+    }
+}
+
+/// Drops `count` from `refs` and frees the cell when nothing refers to it any more.
+///
+/// # Safety
+/// `ptr` must point to a live cell on which the caller holds `count` references.
+unsafe fn release(ptr: NonNull<EndpointState>, count: u64) {
+    // SAFETY: the caller holds `count` references, so the cell is alive until the subtraction.
+    let prev = unsafe { ptr.as_ref() }
+        .refs
+        .fetch_sub(count, Ordering::Release);
+    if prev == count {
+        // Synchronise with every other release before freeing, as `Arc` does.
+        fence(Ordering::Acquire);
+        // SAFETY: the count reached zero, so this was the last reference; the cell was made by
+        // `Box::new` in `EndpointHandle::new`.
+        drop(unsafe { Box::from_raw(ptr.as_ptr()) });
+    }
+}
+
+/// An owning handle on an endpoint's state, held by the endpoint table and its snapshots.
+pub(crate) struct EndpointHandle {
+    ptr: NonNull<EndpointState>,
+}
+
+// SAFETY: the state is only reached through atomics, and the cell is freed exactly once.
+unsafe impl Send for EndpointHandle {}
+// SAFETY: as above.
+unsafe impl Sync for EndpointHandle {}
+
+impl EndpointHandle {
+    pub(crate) fn new(weight: u32) -> Self {
+        let state = Box::new(EndpointState {
+            refs: AtomicU64::new(OWNER),
+            picks: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            weight: AtomicU32::new(weight),
+            broken: AtomicBool::new(false),
+            #[cfg(tower_lb_loom)]
+            _life: crate::sync::Arc::new(()),
+        });
+        Self {
+            ptr: NonNull::from(Box::leak(state)),
+        }
+    }
+
+    /// Counts a request as dispatched to this endpoint and returns the guard that counts it
+    /// down again.
+    pub(crate) fn dispatch(&self) -> InFlightGuard {
+        let prev = self.refs.fetch_add(1, Ordering::Relaxed);
+        if prev & IN_FLIGHT_MASK == IN_FLIGHT_MASK {
+            // Four billion requests in flight to one endpoint: the count would spill into the
+            // owner half. Like `Arc` on overflow, refuse to continue rather than corrupt it.
+            std::process::abort();
+        }
+        self.picks.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard { ptr: self.ptr }
+    }
+
+    /// Whether this is the only handle left and nothing is in flight: no snapshot can dispatch
+    /// to the endpoint any more.
+    pub(crate) fn is_idle_and_unshared(&self) -> bool {
+        self.refs.load(Ordering::Acquire) == OWNER
+    }
+
+    /// Whether two handles refer to the same endpoint.
+    pub(crate) fn same(&self, other: &Self) -> bool {
+        self.ptr == other.ptr
+    }
+}
+
+impl std::ops::Deref for EndpointHandle {
+    type Target = EndpointState;
+
+    fn deref(&self) -> &EndpointState {
+        // SAFETY: the handle holds an owner reference, so the cell is alive.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Clone for EndpointHandle {
+    fn clone(&self) -> Self {
+        self.refs.fetch_add(OWNER, Ordering::Relaxed);
+        Self { ptr: self.ptr }
+    }
+}
+
+impl Drop for EndpointHandle {
+    fn drop(&mut self) {
+        // SAFETY: this handle holds one owner reference.
+        unsafe { release(self.ptr, OWNER) }
+    }
+}
+
+impl fmt::Debug for EndpointHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointHandle")
+            .field("in_flight", &self.in_flight())
+            .field("picks", &self.picks())
+            .finish()
+    }
+}
+
+/// Counts one request as in flight to an endpoint for as long as it lives.
+///
+/// The balancer creates a guard when it dispatches a request and keeps it in the response
+/// future, so the endpoint's in-flight count drops exactly once: when the response arrives,
+/// when the call fails, when the future is dropped unfinished, or when a panic unwinds through
+/// it. With the `http` feature the guard can instead travel inside the response body and be
+/// released at the end of the stream.
+///
+/// The guard refers to the endpoint's state itself, never to a position in the endpoint
+/// table, so it stays correct when the endpoint is removed or the table is rebuilt while the
+/// request is in flight.
+#[must_use = "dropping the guard ends the request's in-flight accounting"]
+pub struct InFlightGuard {
+    ptr: NonNull<EndpointState>,
+}
+
+// SAFETY: see `EndpointHandle`.
+unsafe impl Send for InFlightGuard {}
+// SAFETY: see `EndpointHandle`.
+unsafe impl Sync for InFlightGuard {}
+
+impl InFlightGuard {
+    fn state(&self) -> &EndpointState {
+        // SAFETY: the guard holds one in-flight reference, so the cell is alive.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// Counts the request as failed against its endpoint; the guard is released as usual.
+    pub fn record_failure(&self) {
+        self.state().record_failure();
+    }
+
+    /// The number of requests in flight to this guard's endpoint, this one included.
+    pub fn endpoint_in_flight(&self) -> u64 {
+        self.state().in_flight()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        // SAFETY: this guard holds one in-flight reference.
+        unsafe { release(self.ptr, 1) }
+    }
+}
+
+impl fmt::Debug for InFlightGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlightGuard")
+            .field("endpoint_in_flight", &self.endpoint_in_flight())
+            .finish()
+    }
+}
+
+#[cfg(all(test, not(tower_lb_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_counts_in_flight_and_outlives_its_handle() {
+        let handle = EndpointHandle::new(1);
+        let a = handle.dispatch();
+        let b = handle.dispatch();
+        assert_eq!(handle.in_flight(), 2);
+        assert_eq!(handle.picks(), 2);
+        drop(a);
+        assert_eq!(handle.in_flight(), 1);
+        drop(handle);
+        // The state is still alive for the remaining guard.
+        assert_eq!(b.endpoint_in_flight(), 1);
+        b.record_failure();
+        drop(b);
+    }
+
+    #[test]
+    fn owners_do_not_count_as_in_flight() {
+        let handle = EndpointHandle::new(3);
+        let copies: Vec<_> = (0..5).map(|_| handle.clone()).collect();
+        assert_eq!(handle.in_flight(), 0);
+        assert_eq!(handle.weight(), 3);
+        assert!(copies.iter().all(|c| c.same(&handle)));
+        drop(copies);
+        assert_eq!(handle.in_flight(), 0);
+    }
+}
+
+#[cfg(all(test, tower_lb_loom))]
+mod loom_tests {
+    use super::*;
+    use loom::thread;
+
+    /// Guards dropped on other threads while the last table handle goes away: the count ends
+    /// at zero and the cell is freed exactly once (loom reports a leak or a double free
+    /// through the cell's `_life` marker).
+    #[test]
+    fn guards_and_handles_release_exactly_once() {
+        loom::model(|| {
+            let handle = EndpointHandle::new(1);
+            let g1 = handle.dispatch();
+            let g2 = handle.dispatch();
+            let other = handle.clone();
+            let t1 = thread::spawn(move || drop(g1));
+            let t2 = thread::spawn(move || {
+                assert!(g2.endpoint_in_flight() >= 1);
+                drop(g2);
+            });
+            let t3 = thread::spawn(move || drop(other));
+            assert!(handle.in_flight() <= 2);
+            t1.join().unwrap();
+            t2.join().unwrap();
+            t3.join().unwrap();
+            assert_eq!(handle.in_flight(), 0);
+            assert_eq!(handle.picks(), 2);
+        });
+    }
+
+    /// A guard made on one thread while another drops the last other handle.
+    #[test]
+    fn dispatch_races_with_removal() {
+        loom::model(|| {
+            let handle = EndpointHandle::new(1);
+            let table_copy = handle.clone();
+            let t = thread::spawn(move || {
+                let guard = table_copy.dispatch();
+                drop(table_copy);
+                guard
+            });
+            drop(handle);
+            let guard = t.join().unwrap();
+            assert_eq!(guard.endpoint_in_flight(), 1);
+            drop(guard);
+        });
+    }
+}

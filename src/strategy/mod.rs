@@ -1,0 +1,305 @@
+//! Strategies: how the balancer chooses an endpoint.
+//!
+//! A [`Strategy`] is configuration. When the set of endpoints (or a weight) changes, the
+//! balancer asks it to [`build`](Strategy::build) a [`Picker`] for that set, off the request
+//! path; the picker is then shared by every clone of the `Balance` and asked for one choice per
+//! request. A picker sees a read-only view of the endpoints ([`Endpoints`]) and a small
+//! per-clone [`PickContext`] (a cursor and a random number generator, so that rotation and
+//! sampling never contend across threads), and returns an index into the view.
+//!
+//! A strategy never sees tokio, discovery or services: readiness, the in-flight guards and the
+//! endpoint table are the balancer's job.
+//!
+//! # When a strategy picks
+//!
+//! Strategies that do not look at the request ([`RoundRobin`]) pick in `poll_ready`: the
+//! balancer asks the picker, polls the chosen endpoint for readiness and, if it is not ready,
+//! asks again (up to three times in all) before scanning the remaining endpoints from a
+//! random position for a ready one. An endpoint that has not reported ready is never called.
+//! Keyed strategies ([`Picker::is_keyed`]) pick in `call`, where the request is known: the
+//! balancer hashes the request with its [`RequestKey`](crate::RequestKey) and hands the hash to
+//! the picker through [`PickContext::key_hash`]; see [`Picker::is_keyed`] for how readiness is
+//! honoured there. Keeping the key apart from the strategy means swapping, say, a ring for
+//! Maglev keeps the key, and strategies stay independent of the request type.
+//!
+//! # Writing a strategy
+//!
+//! ```
+//! use tower_lb::strategy::{Endpoints, PickContext, Picker, Strategy};
+//!
+//! /// Always the endpoint with the highest weight (ties: the first).
+//! #[derive(Clone, Debug)]
+//! struct Heaviest;
+//!
+//! struct HeaviestPicker(Option<usize>);
+//!
+//! impl Strategy for Heaviest {
+//!     type Picker = HeaviestPicker;
+//!     fn build(&self, endpoints: &Endpoints<'_>) -> HeaviestPicker {
+//!         // Precomputed once per endpoint set, never per request.
+//!         HeaviestPicker((0..endpoints.len()).max_by_key(|&i| endpoints.get(i).weight()))
+//!     }
+//! }
+//!
+//! impl Picker for HeaviestPicker {
+//!     fn pick(&self, _: &Endpoints<'_>, _: &mut PickContext<'_>) -> Option<usize> {
+//!         self.0
+//!     }
+//! }
+//! ```
+
+mod round_robin;
+
+use std::fmt;
+
+use crate::endpoint::{EndpointHandle, EndpointState};
+use crate::rng::FastRng;
+
+pub use round_robin::{RoundRobin, RoundRobinPicker};
+
+/// A way of choosing endpoints; see the [module docs](self).
+pub trait Strategy: Send + Sync + 'static {
+    /// What this strategy builds for one set of endpoints.
+    type Picker: Picker;
+
+    /// Precomputes whatever picking needs for this endpoint set. Called when membership or a
+    /// weight changes, never on the request path.
+    fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker;
+}
+
+/// Chooses one endpoint per request; built by a [`Strategy`] for one set of endpoints.
+pub trait Picker: Send + Sync + 'static {
+    /// Returns the index (below `endpoints.len()`) of the endpoint to use, or `None` when no
+    /// endpoint can be chosen (the balancer then falls back to any ready endpoint, for
+    /// unkeyed strategies, or fails the request with [`Error::NoEndpoints`]).
+    ///
+    /// `endpoints` is never empty and is the same set the picker was built for.
+    ///
+    /// [`Error::NoEndpoints`]: crate::Error::NoEndpoints
+    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize>;
+
+    /// Whether this picker needs the request, so picks in `call` instead of `poll_ready`.
+    ///
+    /// A keyed pick still honours tower's readiness contract: the balancer polls the chosen
+    /// endpoint's service for readiness before calling it; if it is not ready at once, the
+    /// response future drives a clone of that service to readiness and then calls it, so the
+    /// request still goes to the endpoint its key maps to.
+    fn is_keyed(&self) -> bool {
+        false
+    }
+}
+
+/// Per-clone state a picker may use, plus the request's key hash for keyed pickers.
+pub struct PickContext<'a> {
+    pub(crate) local: &'a mut LocalState,
+    pub(crate) key_hash: Option<u64>,
+}
+
+impl PickContext<'_> {
+    /// The request's key hash, for keyed pickers: `None` when the picker is not keyed or the
+    /// request had no key (the picker then applies its fallback).
+    pub fn key_hash(&self) -> Option<u64> {
+        self.key_hash
+    }
+
+    /// A clone-local counter for rotations; it starts at a random value in each clone.
+    pub fn cursor(&mut self) -> &mut u64 {
+        &mut self.local.cursor
+    }
+
+    /// A uniformly random `u64` from the clone's fast generator.
+    pub fn random(&mut self) -> u64 {
+        self.local.rng.next_u64()
+    }
+
+    /// A uniformly random number in `0..n`; `n` must not be zero.
+    pub fn random_below(&mut self, n: usize) -> usize {
+        self.local.rng.below(n)
+    }
+}
+
+impl fmt::Debug for PickContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PickContext")
+            .field("cursor", &self.local.cursor)
+            .field("key_hash", &self.key_hash)
+            .finish()
+    }
+}
+
+/// The clone-local part of picking.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalState {
+    pub(crate) cursor: u64,
+    pub(crate) rng: FastRng,
+}
+
+impl LocalState {
+    pub(crate) fn new() -> Self {
+        let mut rng = FastRng::new();
+        Self {
+            cursor: rng.next_u64() >> 1,
+            rng,
+        }
+    }
+}
+
+/// A read-only view of the endpoints a picker chooses among.
+#[derive(Clone, Copy)]
+pub struct Endpoints<'a> {
+    handles: &'a [EndpointHandle],
+}
+
+impl<'a> Endpoints<'a> {
+    pub(crate) fn new(handles: &'a [EndpointHandle]) -> Self {
+        Self { handles }
+    }
+
+    /// The number of endpoints.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The endpoint at `index`.
+    ///
+    /// # Panics
+    /// If `index >= self.len()`, like slice indexing.
+    pub fn get(&self, index: usize) -> Endpoint<'a> {
+        Endpoint {
+            state: &self.handles[index],
+        }
+    }
+
+    /// All endpoints, in table order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Endpoint<'a>> + 'a {
+        self.handles.iter().map(|h| Endpoint { state: h })
+    }
+}
+
+impl fmt::Debug for Endpoints<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// A read-only view of one endpoint's live state.
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    state: &'a EndpointState,
+}
+
+impl Endpoint<'_> {
+    /// Requests currently in flight to this endpoint, from every clone of the balancer.
+    pub fn in_flight(&self) -> u64 {
+        self.state.in_flight()
+    }
+
+    /// The endpoint's weight; at least 1.
+    pub fn weight(&self) -> u32 {
+        self.state.weight()
+    }
+
+    /// Requests dispatched to this endpoint so far.
+    pub fn picks(&self) -> u64 {
+        self.state.picks()
+    }
+
+    /// Requests and readiness checks that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.state.failures()
+    }
+}
+
+impl fmt::Debug for Endpoint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("weight", &self.weight())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// A strategy behind a box, so the concrete strategy can be chosen at run time.
+///
+/// ```
+/// use tower_lb::strategy::{BoxStrategy, RoundRobin};
+///
+/// let strategy = BoxStrategy::new(RoundRobin::default());
+/// # let _ = strategy;
+/// ```
+pub struct BoxStrategy {
+    inner: Box<dyn DynStrategy>,
+}
+
+impl BoxStrategy {
+    /// Boxes `strategy`.
+    pub fn new<S: Strategy>(strategy: S) -> Self {
+        Self {
+            inner: Box::new(strategy),
+        }
+    }
+}
+
+impl fmt::Debug for BoxStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxStrategy").finish_non_exhaustive()
+    }
+}
+
+trait DynStrategy: Send + Sync + 'static {
+    fn build_boxed(&self, endpoints: &Endpoints<'_>) -> Box<dyn Picker>;
+}
+
+impl<S: Strategy> DynStrategy for S {
+    fn build_boxed(&self, endpoints: &Endpoints<'_>) -> Box<dyn Picker> {
+        Box::new(self.build(endpoints))
+    }
+}
+
+impl Strategy for BoxStrategy {
+    type Picker = Box<dyn Picker>;
+
+    fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker {
+        self.inner.build_boxed(endpoints)
+    }
+}
+
+impl Picker for Box<dyn Picker> {
+    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
+        (**self).pick(endpoints, cx)
+    }
+
+    fn is_keyed(&self) -> bool {
+        (**self).is_keyed()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    /// Endpoints with the given weights, for strategy unit tests.
+    pub(crate) fn endpoints(weights: &[u32]) -> Vec<EndpointHandle> {
+        weights.iter().map(|&w| EndpointHandle::new(w)).collect()
+    }
+
+    /// Picks `n` times with one clone-local context; returns the chosen indices.
+    pub(crate) fn picks<P: Picker>(picker: &P, handles: &[EndpointHandle], n: usize) -> Vec<usize> {
+        let mut local = LocalState::new();
+        let endpoints = Endpoints::new(handles);
+        (0..n)
+            .map(|_| {
+                let mut cx = PickContext {
+                    local: &mut local,
+                    key_hash: None,
+                };
+                picker.pick(&endpoints, &mut cx).expect("a choice")
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,210 @@
+//! Property: whatever happens to requests (completion, error, cancellation, panic) and to
+//! endpoints (removal, re-insertion) across clones on a multi-threaded runtime, once every
+//! request has finished or been dropped every in-flight count is zero, and the picks equal
+//! the requests dispatched.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use proptest::prelude::*;
+use tower::{BoxError, Service, ServiceExt};
+use tower_lb::{discover, Balance, Error, RoundRobin};
+
+/// What the endpoint does with a request.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    Complete,
+    Fail,
+    /// The response future is dropped before it completes.
+    Cancel,
+    /// The endpoint's future panics while polled.
+    Panic,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Call { clone: usize, fate: Fate },
+    Remove(u8),
+    Insert(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let fate = prop_oneof![
+        Just(Fate::Complete),
+        Just(Fate::Fail),
+        Just(Fate::Cancel),
+        Just(Fate::Panic)
+    ];
+    prop_oneof![
+        6 => (0..3usize, fate).prop_map(|(clone, fate)| Op::Call { clone, fate }),
+        1 => (0..4u8).prop_map(Op::Remove),
+        1 => (0..4u8).prop_map(Op::Insert),
+    ]
+}
+
+/// An endpoint that does to each request what the request says, after yielding once so
+/// requests overlap.
+#[derive(Clone)]
+struct Obedient;
+
+impl Service<Fate> for Obedient {
+    type Response = ();
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, fate: Fate) -> Self::Future {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            match fate {
+                Fate::Complete => Ok(()),
+                Fate::Fail => Err("endpoint error".into()),
+                Fate::Cancel => std::future::pending().await,
+                Fate::Panic => std::panic::panic_any(ExpectedPanic),
+            }
+        })
+    }
+}
+
+struct ExpectedPanic;
+
+#[derive(Default)]
+struct Tally {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    panicked: AtomicU64,
+}
+
+impl Tally {
+    fn total(&self) -> u64 {
+        [
+            &self.completed,
+            &self.failed,
+            &self.cancelled,
+            &self.panicked,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .sum()
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        // Endpoint panics are part of the property; keep them off the test output.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<ExpectedPanic>() {
+                default_hook(info);
+            }
+        }));
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    })
+}
+
+async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let (handle, source) = discover::channel();
+    for key in 0..2u8 {
+        handle.insert(key, Obedient);
+    }
+    let balance = Balance::new(source, RoundRobin::new());
+    let tally = Arc::new(Tally::default());
+
+    // Three long-lived clones, each driven by its own task from its own queue.
+    let mut queues = Vec::new();
+    let mut drivers = Vec::new();
+    for _ in 0..3 {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Fate>();
+        let mut clone = balance.clone();
+        let tally = tally.clone();
+        queues.push(tx);
+        drivers.push(tokio::spawn(async move {
+            let mut requests = Vec::new();
+            while let Some(fate) = rx.recv().await {
+                match ServiceExt::<Fate>::ready(&mut clone).await {
+                    Ok(_) => {}
+                    Err(error) => {
+                        assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
+                        continue;
+                    }
+                }
+                let response = clone.call(fate);
+                let tally = tally.clone();
+                let task = tokio::spawn(response);
+                requests.push((fate, task, tally));
+            }
+            for (fate, task, tally) in requests {
+                if let Fate::Cancel = fate {
+                    task.abort();
+                }
+                match task.await {
+                    Ok(Ok(())) => tally.completed.fetch_add(1, Ordering::SeqCst),
+                    Ok(Err(_)) => tally.failed.fetch_add(1, Ordering::SeqCst),
+                    Err(e) if e.is_panic() => tally.panicked.fetch_add(1, Ordering::SeqCst),
+                    Err(_) => tally.cancelled.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        }));
+    }
+
+    for op in ops {
+        match op {
+            Op::Call { clone, fate } => {
+                queues[clone].send(fate).unwrap();
+            }
+            Op::Remove(key) => {
+                handle.remove(key);
+            }
+            Op::Insert(key) => {
+                handle.insert(key, Obedient);
+            }
+        }
+        if let Op::Remove(_) | Op::Insert(_) = op {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(queues);
+    for driver in drivers {
+        driver.await.unwrap();
+    }
+
+    let stats = balance.stats();
+    for endpoint in &stats.endpoints {
+        prop_assert_eq!(endpoint.in_flight, 0, "{:?}", endpoint);
+    }
+    prop_assert_eq!(stats.picks(), tally.total());
+    prop_assert_eq!(
+        stats.endpoints.iter().map(|e| e.failures).sum::<u64>() + stats.removed_failures,
+        tally.failed.load(Ordering::SeqCst),
+    );
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("TOWER_LB_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn in_flight_counts_return_to_zero_and_picks_match_dispatches(
+        ops in proptest::collection::vec(op(), 1..40)
+    ) {
+        runtime().block_on(run(ops))?;
+    }
+}
