@@ -13,6 +13,20 @@ use std::ptr::NonNull;
 
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+/// The balancer's clock: tokio's, so that latency estimates follow a paused test clock.
+pub(crate) mod clock {
+    use std::sync::OnceLock;
+    use tokio::time::Instant;
+
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+    /// Nanoseconds since a process-wide epoch. One clock read.
+    pub(crate) fn now_ns() -> u64 {
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        Instant::now().saturating_duration_since(epoch).as_nanos() as u64
+    }
+}
+
 /// One table handle, in the high half of `refs`.
 const OWNER: u64 = 1 << 32;
 /// The in-flight count, in the low half of `refs`.
@@ -34,6 +48,12 @@ pub(crate) struct EndpointState {
     weight: AtomicU32,
     /// Set when the endpoint's service failed `poll_ready`; cleared when it is re-inserted.
     broken: AtomicBool,
+    /// Responses that failed in a row; a success resets it.
+    consecutive_failures: AtomicU32,
+    /// The PeakEWMA latency estimate in nanoseconds, as `f64` bits; 0 before any sample.
+    rtt_ns: AtomicU64,
+    /// When `rtt_ns` was last updated, in nanoseconds on the [`clock`] scale.
+    rtt_at: AtomicU64,
     /// Lets loom see the cell's life: a leaked cell leaks this `Arc` and a double free drops
     /// it twice, and loom reports both.
     #[cfg(tower_lb_loom)]
@@ -59,6 +79,58 @@ impl EndpointState {
 
     pub(crate) fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+    }
+
+    pub(crate) fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed response: the failure total and the run of consecutive failures.
+    pub(crate) fn record_response_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends a run of failures. Reads first so that the common case writes nothing.
+    pub(crate) fn record_response_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The PeakEWMA latency estimate (nanoseconds) decayed to `now`, or `None` before the
+    /// first sample.
+    pub(crate) fn rtt_estimate(&self, now: u64, decay_ns: f64) -> Option<f64> {
+        let estimate = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        if estimate == 0.0 {
+            return None;
+        }
+        let elapsed = now.saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
+        // Without samples the estimate decays toward zero, so an endpoint that stopped
+        // getting traffic because it looked slow is tried again eventually.
+        Some(estimate * (-elapsed / decay_ns).exp())
+    }
+
+    /// Folds a latency sample into the PeakEWMA estimate: a sample above the estimate
+    /// replaces it (the peak), one below decays it toward the sample with time constant
+    /// `decay_ns`. Concurrent updates race benignly: the last writer wins, as in any EWMA that
+    /// drops a sample.
+    pub(crate) fn record_rtt(&self, sample_ns: f64, now: u64, decay_ns: f64) {
+        let sample_ns = sample_ns.max(1.0);
+        let estimate = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let next = if estimate == 0.0 || sample_ns > estimate {
+            sample_ns
+        } else {
+            let elapsed = now.saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
+            let keep = (-elapsed / decay_ns).exp();
+            estimate * keep + sample_ns * (1.0 - keep)
+        };
+        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.rtt_at.store(now, Ordering::Relaxed);
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -111,6 +183,9 @@ impl EndpointHandle {
             failures: AtomicU64::new(0),
             weight: AtomicU32::new(weight),
             broken: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            rtt_ns: AtomicU64::new(0),
+            rtt_at: AtomicU64::new(0),
             #[cfg(tower_lb_loom)]
             _life: crate::sync::Arc::new(()),
         });
@@ -203,9 +278,20 @@ impl InFlightGuard {
         unsafe { self.ptr.as_ref() }
     }
 
-    /// Counts the request as failed against its endpoint; the guard is released as usual.
+    /// Counts the request as failed against its endpoint (the failure total and the run of
+    /// consecutive failures that load-aware strategies hold against it); the guard is
+    /// released as usual.
     pub fn record_failure(&self) {
-        self.state().record_failure();
+        self.state().record_response_failure();
+    }
+
+    /// Counts the request as answered successfully, ending any run of failures.
+    pub fn record_success(&self) {
+        self.state().record_response_success();
+    }
+
+    pub(crate) fn record_rtt(&self, sample_ns: f64, now: u64, decay_ns: f64) {
+        self.state().record_rtt(sample_ns, now, decay_ns);
     }
 
     /// The number of requests in flight to this guard's endpoint, this one included.

@@ -33,6 +33,10 @@ pub enum Error {
     /// The balancer was built outside a tokio runtime and first used outside one too, so its
     /// background discovery task could not be started.
     NoRuntime,
+    /// A handle named an endpoint the balancer does not have.
+    UnknownEndpoint,
+    /// The balancer behind a handle is gone (every clone was dropped).
+    Closed,
 }
 
 impl fmt::Display for Error {
@@ -45,6 +49,8 @@ impl fmt::Display for Error {
             Error::NoRuntime => {
                 f.write_str("no tokio runtime: the balancer's discovery task needs one to run on")
             }
+            Error::UnknownEndpoint => f.write_str("no endpoint with that key"),
+            Error::Closed => f.write_str("the balancer is gone"),
         }
     }
 }

@@ -81,13 +81,15 @@ mod stats;
 pub mod strategy;
 mod sync;
 mod table;
+pub mod weight;
 
-pub use balance::{Balance, BalanceLayer, ResponseFuture};
+pub use balance::{Balance, BalanceHandle, BalanceLayer, ResponseFuture};
 pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
-pub use strategy::RoundRobin;
+pub use strategy::{RoundRobin, Swappable};
+pub use weight::{Weight, Weighted};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -16,30 +16,34 @@ use super::shared::{Control, Member, SharedOf, Snapshot};
 use crate::endpoint::EndpointHandle;
 use crate::strategy::{Endpoints, Strategy};
 use crate::sync::{lock, Mutex, Ordering};
+use crate::weight::Weigh;
 
 /// Changes applied per wake-up before the task publishes and yields, so a discovery stream
 /// that is always ready cannot starve the runtime.
 const BATCH: usize = 1024;
 
-pub(crate) struct Driver<D: Discover, St: Strategy, Kx> {
+pub(crate) struct Driver<D: Discover, St: Strategy, Kx, W> {
     discover: Pin<Box<D>>,
     discover_done: bool,
     strategy: St,
+    weigher: W,
     control: mpsc::UnboundedReceiver<Control>,
     shared: Weak<SharedOf<D, St, Kx>>,
 }
 
-impl<D, St, Kx> Driver<D, St, Kx>
+impl<D, St, Kx, W> Driver<D, St, Kx, W>
 where
     D: Discover,
     D::Key: Hash + Eq + Clone + Debug,
     D::Service: Clone,
     D::Error: Into<BoxError>,
     St: Strategy,
+    W: Weigh<D::Key, D::Service>,
 {
     pub(crate) fn new(
         discover: D,
         strategy: St,
+        weigher: W,
         control: mpsc::UnboundedReceiver<Control>,
         shared: Weak<SharedOf<D, St, Kx>>,
     ) -> Self {
@@ -47,6 +51,7 @@ where
             discover: Box::pin(discover),
             discover_done: false,
             strategy,
+            weigher,
             control,
             shared,
         }
@@ -66,6 +71,7 @@ where
                 Poll::Ready(Some(Control::Failed { handle, version })) => {
                     dirty |= self.mark_broken(&shared.registry, &handle, version);
                 }
+                Poll::Ready(Some(Control::Rebuild)) => dirty = true,
                 // Every clone is gone: nothing can use the table any more.
                 Poll::Ready(None) => return Poll::Ready(()),
                 Poll::Pending => break,
@@ -113,19 +119,21 @@ where
         let mut registry = lock(registry);
         match change {
             Change::Insert(key, service) => {
+                let weight = self.weigher.weigh(&key, &service).get();
                 if let Some(&position) = registry.index.get(&key) {
                     let member = &mut registry.members[position];
                     member.service = service;
                     member.since = next_version;
+                    member.handle.set_weight(weight);
                     member.handle.clear_broken();
-                    tracing::debug!(?key, "endpoint replaced");
+                    tracing::debug!(?key, weight, "endpoint replaced");
                 } else {
                     let position = registry.members.len();
                     registry.index.insert(key.clone(), position);
-                    tracing::debug!(?key, "endpoint inserted");
+                    tracing::debug!(?key, weight, "endpoint inserted");
                     registry.members.push(Member {
                         key,
-                        handle: EndpointHandle::new(1),
+                        handle: EndpointHandle::new(weight),
                         service,
                         since: next_version,
                     });
@@ -187,15 +195,16 @@ where
 type Registry<D> = super::shared::Registry<<D as Discover>::Key, <D as Discover>::Service>;
 
 // Nothing in `Driver` is structurally pinned (the stream is boxed), so it may move.
-impl<D: Discover, St: Strategy, Kx> Unpin for Driver<D, St, Kx> {}
+impl<D: Discover, St: Strategy, Kx, W> Unpin for Driver<D, St, Kx, W> {}
 
-impl<D, St, Kx> Future for Driver<D, St, Kx>
+impl<D, St, Kx, W> Future for Driver<D, St, Kx, W>
 where
     D: Discover,
     D::Key: Hash + Eq + Clone + Debug,
     D::Service: Clone,
     D::Error: Into<BoxError>,
     St: Strategy,
+    W: Weigh<D::Key, D::Service>,
 {
     type Output = ();
 

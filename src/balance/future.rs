@@ -9,7 +9,7 @@ use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::endpoint::InFlightGuard;
+use crate::endpoint::{clock, InFlightGuard};
 use crate::error::Error;
 
 pin_project! {
@@ -25,6 +25,20 @@ pin_project! {
         #[pin]
         state: State<S, Req>,
         guard: Option<InFlightGuard>,
+        latency: Option<LatencyProbe>,
+    }
+}
+
+/// Measures a response's latency into its endpoint's PeakEWMA estimate.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LatencyProbe {
+    start: u64,
+    decay_ns: f64,
+}
+
+impl LatencyProbe {
+    pub(crate) fn new(start: u64, decay_ns: f64) -> Self {
+        Self { start, decay_ns }
     }
 }
 
@@ -44,17 +58,27 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    pub(crate) fn called(future: S::Future, guard: InFlightGuard) -> Self {
+    pub(crate) fn called(
+        future: S::Future,
+        guard: InFlightGuard,
+        latency: Option<LatencyProbe>,
+    ) -> Self {
         Self {
             state: State::Called { future },
             guard: Some(guard),
+            latency,
         }
     }
 
-    pub(crate) fn readying(oneshot: Oneshot<S, Req>, guard: InFlightGuard) -> Self {
+    pub(crate) fn readying(
+        oneshot: Oneshot<S, Req>,
+        guard: InFlightGuard,
+        latency: Option<LatencyProbe>,
+    ) -> Self {
         Self {
             state: State::Readying { oneshot },
             guard: Some(guard),
+            latency,
         }
     }
 
@@ -62,6 +86,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         Self {
             state: State::Failed { error: Some(error) },
             guard: None,
+            latency: None,
         }
     }
 }
@@ -87,6 +112,13 @@ where
         if let Some(guard) = this.guard.take() {
             if result.is_err() {
                 guard.record_failure();
+            } else {
+                guard.record_success();
+            }
+            if let Some(probe) = this.latency {
+                let now = clock::now_ns();
+                let sample = now.saturating_sub(probe.start) as f64;
+                guard.record_rtt(sample, now, probe.decay_ns);
             }
         }
         Poll::Ready(result.map_err(Into::into))

@@ -13,6 +13,7 @@ use super::shared::Config;
 use crate::error::ConfigError;
 use crate::key::NoKey;
 use crate::strategy::Strategy;
+use crate::weight::{FromWeighted, Unweighted, Weigh};
 
 /// The longest bounded wait for endpoints that is accepted: a day. Longer is not a bound a
 /// caller would notice, and it keeps the deadline arithmetic far from overflow.
@@ -32,24 +33,44 @@ const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// # let _ = builder;
 /// ```
 #[derive(Clone)]
-pub struct BalanceLayer<St, Kx = NoKey> {
+pub struct BalanceLayer<St, Kx = NoKey, W = Unweighted> {
     strategy: St,
     key: Kx,
+    weigher: W,
     config: Config,
 }
 
 impl<St> BalanceLayer<St> {
-    /// A layer that balances with `strategy`, failing at once when there are no endpoints.
+    /// A layer that balances with `strategy`, failing at once when there are no endpoints;
+    /// every endpoint weighs 1.
     pub fn new(strategy: St) -> Self {
         Self {
             strategy,
             key: NoKey,
+            weigher: Unweighted,
             config: Config::default(),
         }
     }
 }
 
-impl<St, Kx> BalanceLayer<St, Kx> {
+impl<St, Kx, W> BalanceLayer<St, Kx, W> {
+    /// Takes each endpoint's weight from discovery: the inserted services are
+    /// [`Weighted`](crate::Weighted).
+    pub fn weighted(self) -> BalanceLayer<St, Kx, FromWeighted> {
+        self.weigh_with(FromWeighted)
+    }
+
+    /// Takes each endpoint's weight from `weigher`, a function of the discovery key and the
+    /// inserted service (see [`Weigh`](crate::weight::Weigh)).
+    pub fn weigh_with<W2>(self, weigher: W2) -> BalanceLayer<St, Kx, W2> {
+        BalanceLayer {
+            strategy: self.strategy,
+            key: self.key,
+            weigher,
+            config: self.config,
+        }
+    }
+
     /// When no endpoint is available, let `poll_ready` wait up to `wait` for discovery to
     /// produce one before failing with [`Error::NoEndpoints`](crate::Error::NoEndpoints).
     ///
@@ -68,16 +89,17 @@ impl<St, Kx> BalanceLayer<St, Kx> {
 
     /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing).
     /// Unkeyed strategies ignore it.
-    pub fn key<K>(self, key: K) -> BalanceLayer<St, K> {
+    pub fn key<K>(self, key: K) -> BalanceLayer<St, K, W> {
         BalanceLayer {
             strategy: self.strategy,
             key,
+            weigher: self.weigher,
             config: self.config,
         }
     }
 }
 
-impl<D, St, Kx> Layer<D> for BalanceLayer<St, Kx>
+impl<D, St, Kx, W> Layer<D> for BalanceLayer<St, Kx, W>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
@@ -85,6 +107,7 @@ where
     D::Error: Into<BoxError>,
     St: Strategy + Clone,
     Kx: Clone + Send + Sync + 'static,
+    W: Weigh<D::Key, D::Service> + Clone,
 {
     type Service = Balance<D, St, Kx>;
 
@@ -93,12 +116,13 @@ where
             discover,
             self.strategy.clone(),
             self.key.clone(),
+            self.weigher.clone(),
             self.config,
         )
     }
 }
 
-impl<St: fmt::Debug, Kx> fmt::Debug for BalanceLayer<St, Kx> {
+impl<St: fmt::Debug, Kx, W> fmt::Debug for BalanceLayer<St, Kx, W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BalanceLayer")
             .field("strategy", &self.strategy)

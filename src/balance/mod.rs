@@ -30,10 +30,14 @@
 
 mod driver;
 mod future;
+mod handle;
 mod layer;
 mod service;
 mod shared;
 
+pub(crate) use shared::Control;
+
 pub use future::ResponseFuture;
+pub use handle::BalanceHandle;
 pub use layer::BalanceLayer;
 pub use service::Balance;

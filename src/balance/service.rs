@@ -17,14 +17,17 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::driver::Driver;
-use super::future::ResponseFuture;
+use super::future::{LatencyProbe, ResponseFuture};
+use super::handle::{BalanceHandle, ControlPlane};
 use super::shared::{Config, Control, Registry, Shared, SharedOf, Snapshot};
+use crate::endpoint::clock;
 use crate::error::Error;
 use crate::key::{NoKey, RequestKey};
 use crate::stats::Stats;
-use crate::strategy::{Endpoints, LocalState, PickContext, Picker, Strategy};
+use crate::strategy::{decay_ns, Endpoints, LocalState, PickContext, Picker, Rebuild, Strategy};
 use crate::sync::{lock, AtomicBool, AtomicU64, Mutex};
 use crate::table::Published;
+use crate::weight::{Unweighted, Weigh};
 
 /// Picks an endpoint per request from a discovered set; see the [crate docs](crate).
 ///
@@ -56,6 +59,8 @@ struct Local<S, P> {
     /// Endpoints whose service failed `poll_ready` in this clone.
     dead: Vec<bool>,
     reserved: Reserved,
+    /// The clock reading of the reserving pick, for pickers that measure latency.
+    picked_at: u64,
     pick: LocalState,
     wait: Option<Pin<Box<Waiting>>>,
 }
@@ -117,6 +122,7 @@ impl<S: Clone, P> Local<S, P> {
             services: Vec::new(),
             dead: Vec::new(),
             reserved: Reserved::None,
+            picked_at: 0,
             pick: LocalState::new(),
             wait: None,
         }
@@ -133,6 +139,7 @@ impl<S: Clone, P> Local<S, P> {
         self.snapshot = Some(snapshot);
         self.version = version;
         self.reserved = Reserved::None;
+        self.pick.scratch = None;
     }
 }
 
@@ -144,9 +151,10 @@ where
     D::Error: Into<BoxError>,
     St: Strategy,
 {
-    /// Balances over the endpoints `discover` yields, choosing with `strategy`.
+    /// Balances over the endpoints `discover` yields, choosing with `strategy`; every
+    /// endpoint weighs 1 until a [`BalanceHandle`] reweights it.
     pub fn new(discover: D, strategy: St) -> Self {
-        Self::with_parts(discover, strategy, NoKey, Config::default())
+        Self::with_parts(discover, strategy, NoKey, Unweighted, Config::default())
     }
 }
 
@@ -159,8 +167,20 @@ where
     St: Strategy,
     Kx: Send + Sync + 'static,
 {
-    pub(crate) fn with_parts(discover: D, strategy: St, key: Kx, config: Config) -> Self {
+    pub(crate) fn with_parts<W>(
+        discover: D,
+        strategy: St,
+        key: Kx,
+        weigher: W,
+        config: Config,
+    ) -> Self
+    where
+        W: Weigh<D::Key, D::Service>,
+    {
         let (control, control_rx) = mpsc::unbounded_channel();
+        strategy.attach(Rebuild {
+            control: control.downgrade(),
+        });
         let empty = strategy.build(&Endpoints::new(&[]));
         let shared = Arc::new(Shared {
             table: Published::new(Snapshot {
@@ -178,7 +198,13 @@ where
             discovery_errors: AtomicU64::new(0),
             discovery_ended: AtomicBool::new(false),
         });
-        let mut driver = Driver::new(discover, strategy, control_rx, Arc::downgrade(&shared));
+        let mut driver = Driver::new(
+            discover,
+            strategy,
+            weigher,
+            control_rx,
+            Arc::downgrade(&shared),
+        );
         // Take in whatever discovery has ready now (a fixed list, say), so the first request
         // does not race the task's first turn. The task registers its real waker when it runs.
         let _ = driver.poll_step(&mut Context::from_waker(std::task::Waker::noop()));
@@ -202,6 +228,21 @@ where
     /// A snapshot of every endpoint's counters and state.
     pub fn stats(&self) -> Stats<D::Key> {
         self.shared.stats()
+    }
+}
+
+impl<D, St, Kx> Balance<D, St, Kx>
+where
+    D: Discover,
+    D::Key: Hash + Eq + Clone + Send + Sync + 'static,
+    D::Service: Send + 'static,
+    St: Strategy,
+    Kx: Send + Sync + 'static,
+{
+    /// A handle for stats and runtime reweighting that does not keep the balancer alive.
+    pub fn handle(&self) -> BalanceHandle<D::Key> {
+        let shared: Arc<dyn ControlPlane<D::Key>> = self.shared.clone();
+        BalanceHandle::new(Arc::downgrade(&shared))
     }
 }
 
@@ -263,10 +304,17 @@ where
             return Poll::Ready(None);
         }
         let mut pending = false;
+        let now = if snapshot.picker.latency_decay().is_some() {
+            clock::now_ns()
+        } else {
+            0
+        };
+        self.local.picked_at = now;
         for _ in 0..3 {
             let mut pick_cx = PickContext {
                 local: &mut self.local.pick,
                 key_hash: None,
+                now,
             };
             let Some(index) = snapshot.picker.pick(&endpoints, &mut pick_cx) else {
                 break;
@@ -376,9 +424,17 @@ where
             Reserved::None => return ResponseFuture::failed(Error::NotReady),
             Reserved::Endpoint(index) => index,
             Reserved::Keyed => {
+                let latency = snapshot.picker.latency_decay();
+                let now = if latency.is_some() {
+                    clock::now_ns()
+                } else {
+                    0
+                };
+                let probe = latency.map(|decay| LatencyProbe::new(now, decay_ns(decay)));
                 let mut pick_cx = PickContext {
                     local: &mut self.local.pick,
                     key_hash: self.shared.key.key_hash(&request),
+                    now,
                 };
                 let endpoints = Endpoints::new(&snapshot.endpoints);
                 match snapshot.picker.pick(&endpoints, &mut pick_cx) {
@@ -388,13 +444,14 @@ where
                         let mut noop = Context::from_waker(std::task::Waker::noop());
                         return match service.poll_ready(&mut noop) {
                             Poll::Ready(Ok(())) => {
-                                ResponseFuture::called(service.call(request), guard)
+                                ResponseFuture::called(service.call(request), guard, probe)
                             }
                             // Not ready (or failing): let the response future ready a clone
                             // of it, so the request still goes where its key maps.
                             _ => ResponseFuture::readying(
                                 Oneshot::new(service.clone(), request),
                                 guard,
+                                probe,
                             ),
                         };
                     }
@@ -403,7 +460,11 @@ where
             }
         };
         let guard = snapshot.endpoints[index].dispatch();
-        ResponseFuture::called(self.local.services[index].call(request), guard)
+        let probe = snapshot
+            .picker
+            .latency_decay()
+            .map(|decay| LatencyProbe::new(self.local.picked_at, decay_ns(decay)));
+        ResponseFuture::called(self.local.services[index].call(request), guard, probe)
     }
 }
 

@@ -38,6 +38,8 @@ pub(crate) enum Control {
         handle: EndpointHandle,
         version: u64,
     },
+    /// Weights or the strategy changed: build a new picker and publish.
+    Rebuild,
 }
 
 /// One endpoint known to discovery.

@@ -49,6 +49,7 @@
 //! ```
 
 mod round_robin;
+mod swap;
 
 use std::fmt;
 
@@ -56,6 +57,7 @@ use crate::endpoint::{EndpointHandle, EndpointState};
 use crate::rng::FastRng;
 
 pub use round_robin::{RoundRobin, RoundRobinPicker};
+pub use swap::{SwapHandle, Swappable};
 
 /// A way of choosing endpoints; see the [module docs](self).
 pub trait Strategy: Send + Sync + 'static {
@@ -65,6 +67,36 @@ pub trait Strategy: Send + Sync + 'static {
     /// Precomputes whatever picking needs for this endpoint set. Called when membership or a
     /// weight changes, never on the request path.
     fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker;
+
+    /// Called once by each balancer that uses this strategy, with a handle that makes it
+    /// rebuild its picker. Strategies whose configuration changes at run time (such as
+    /// [`Swappable`]) keep it; the default ignores it.
+    fn attach(&self, rebuild: Rebuild) {
+        let _ = rebuild;
+    }
+}
+
+/// Asks one balancer to rebuild its picker from its strategy (off the request path).
+///
+/// Handed to [`Strategy::attach`]. It does not keep the balancer alive.
+#[derive(Clone)]
+pub struct Rebuild {
+    pub(crate) control: tokio::sync::mpsc::WeakUnboundedSender<crate::balance::Control>,
+}
+
+impl Rebuild {
+    /// Requests a rebuild; returns `false` if the balancer is gone.
+    pub fn request(&self) -> bool {
+        self.control
+            .upgrade()
+            .is_some_and(|control| control.send(crate::balance::Control::Rebuild).is_ok())
+    }
+}
+
+impl fmt::Debug for Rebuild {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rebuild").finish_non_exhaustive()
+    }
 }
 
 /// Chooses one endpoint per request; built by a [`Strategy`] for one set of endpoints.
@@ -87,12 +119,22 @@ pub trait Picker: Send + Sync + 'static {
     fn is_keyed(&self) -> bool {
         false
     }
+
+    /// `Some(decay)` asks the balancer to measure each response's latency into the endpoint's
+    /// PeakEWMA estimate with this decay time (read through [`Endpoint::latency_estimate`]).
+    /// The balancer then reads the clock once when it picks (available as
+    /// [`PickContext::now`]) and once when the response completes. `None` (the default) costs
+    /// nothing.
+    fn latency_decay(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Per-clone state a picker may use, plus the request's key hash for keyed pickers.
 pub struct PickContext<'a> {
     pub(crate) local: &'a mut LocalState,
     pub(crate) key_hash: Option<u64>,
+    pub(crate) now: u64,
 }
 
 impl PickContext<'_> {
@@ -116,6 +158,28 @@ impl PickContext<'_> {
     pub fn random_below(&mut self, n: usize) -> usize {
         self.local.rng.below(n)
     }
+
+    /// The time of this pick in nanoseconds on the balancer's clock, for pickers that asked
+    /// for latency measurement ([`Picker::latency_decay`]); 0 for the others.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// State of type `T` private to this clone and this picker, made by `init` on first use.
+    ///
+    /// It is dropped when the clone moves to a new endpoint table, so it never outlives the
+    /// picker that made it. Pickers use it for schedules that must not be shared between
+    /// threads; the allocation happens once per clone and table, not per request.
+    pub fn local<T: std::any::Any + Send>(&mut self, init: impl FnOnce() -> T) -> &mut T {
+        let scratch = &mut self.local.scratch;
+        if !scratch.as_ref().is_some_and(|s| s.is::<T>()) {
+            *scratch = Some(Box::new(init()));
+        }
+        scratch
+            .as_mut()
+            .and_then(|s| s.downcast_mut::<T>())
+            .expect("the scratch holds a T: it was just checked or made")
+    }
 }
 
 impl fmt::Debug for PickContext<'_> {
@@ -128,10 +192,11 @@ impl fmt::Debug for PickContext<'_> {
 }
 
 /// The clone-local part of picking.
-#[derive(Debug, Clone)]
 pub(crate) struct LocalState {
     pub(crate) cursor: u64,
     pub(crate) rng: FastRng,
+    /// See [`PickContext::local`]; cleared when the clone syncs to a new table.
+    pub(crate) scratch: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl LocalState {
@@ -140,6 +205,7 @@ impl LocalState {
         Self {
             cursor: rng.next_u64() >> 1,
             rng,
+            scratch: None,
         }
     }
 }
@@ -213,6 +279,25 @@ impl Endpoint<'_> {
     pub fn failures(&self) -> u64 {
         self.state.failures()
     }
+
+    /// Responses that failed in a row, most recent first; a success resets it. Load-aware
+    /// strategies hold it against the endpoint so that one that fails fast does not look
+    /// idle and attract traffic.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.state.consecutive_failures()
+    }
+
+    /// The endpoint's PeakEWMA latency estimate in nanoseconds at time `now` (see
+    /// [`PickContext::now`]), decaying with `decay`; `None` before its first measured response.
+    /// Only measured for pickers that ask for it ([`Picker::latency_decay`]).
+    pub fn latency_estimate(&self, now: u64, decay: std::time::Duration) -> Option<f64> {
+        self.state.rtt_estimate(now, decay_ns(decay))
+    }
+}
+
+/// A decay time in nanoseconds, at least 1 so that estimates never divide by zero.
+pub(crate) fn decay_ns(decay: std::time::Duration) -> f64 {
+    (decay.as_nanos() as f64).max(1.0)
 }
 
 impl fmt::Debug for Endpoint<'_> {
@@ -253,11 +338,16 @@ impl fmt::Debug for BoxStrategy {
 
 trait DynStrategy: Send + Sync + 'static {
     fn build_boxed(&self, endpoints: &Endpoints<'_>) -> Box<dyn Picker>;
+    fn attach_boxed(&self, rebuild: Rebuild);
 }
 
 impl<S: Strategy> DynStrategy for S {
     fn build_boxed(&self, endpoints: &Endpoints<'_>) -> Box<dyn Picker> {
         Box::new(self.build(endpoints))
+    }
+
+    fn attach_boxed(&self, rebuild: Rebuild) {
+        self.attach(rebuild);
     }
 }
 
@@ -266,6 +356,10 @@ impl Strategy for BoxStrategy {
 
     fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker {
         self.inner.build_boxed(endpoints)
+    }
+
+    fn attach(&self, rebuild: Rebuild) {
+        self.inner.attach_boxed(rebuild);
     }
 }
 
@@ -276,6 +370,10 @@ impl Picker for Box<dyn Picker> {
 
     fn is_keyed(&self) -> bool {
         (**self).is_keyed()
+    }
+
+    fn latency_decay(&self) -> Option<std::time::Duration> {
+        (**self).latency_decay()
     }
 }
 
@@ -297,6 +395,7 @@ pub(crate) mod test_util {
                 let mut cx = PickContext {
                     local: &mut local,
                     key_hash: None,
+                    now: 0,
                 };
                 picker.pick(&endpoints, &mut cx).expect("a choice")
             })

@@ -1,0 +1,101 @@
+//! `BalanceHandle`: reach a running balancer from anywhere.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Weak};
+
+use super::shared::{Control, Shared};
+use crate::error::Error;
+use crate::stats::Stats;
+use crate::sync::lock;
+use crate::weight::Weight;
+
+/// A handle on a running balancer: stats and runtime reweighting, from any task.
+///
+/// It does not keep the balancer alive; once every clone of the balancer is dropped, its
+/// methods return [`Error::Closed`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_lb::Error> {
+/// use tower::service_fn;
+/// use tower_lb::{discover, Balance, RoundRobin, Weight};
+///
+/// let echo = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+/// let balance = Balance::new(discover::fixed([("a", echo)]), RoundRobin::new());
+/// let handle = balance.handle();
+/// handle.set_weight(&"a", Weight::new(5).unwrap())?;
+/// assert_eq!(handle.stats()?.get(&"a").unwrap().weight, 5);
+/// # Ok(())
+/// # }
+/// ```
+pub struct BalanceHandle<K> {
+    inner: Weak<dyn ControlPlane<K>>,
+}
+
+impl<K> BalanceHandle<K> {
+    pub(crate) fn new(inner: Weak<dyn ControlPlane<K>>) -> Self {
+        Self { inner }
+    }
+
+    fn upgrade(&self) -> Result<Arc<dyn ControlPlane<K>>, Error> {
+        self.inner.upgrade().ok_or(Error::Closed)
+    }
+
+    /// A snapshot of every endpoint's counters and state.
+    pub fn stats(&self) -> Result<Stats<K>, Error> {
+        Ok(self.upgrade()?.stats())
+    }
+
+    /// Changes an endpoint's weight without resetting its counters. Weight-aware strategies
+    /// rebuild their pickers off the request path and follow the new weight from their next
+    /// table. A later `Insert` of the same key from weighted discovery sets the weight again.
+    pub fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error> {
+        self.upgrade()?.set_weight(key, weight)
+    }
+}
+
+impl<K> Clone for BalanceHandle<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Weak::clone(&self.inner),
+        }
+    }
+}
+
+impl<K> fmt::Debug for BalanceHandle<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceHandle")
+            .field("closed", &(self.inner.strong_count() == 0))
+            .finish()
+    }
+}
+
+/// What a handle can do, without the service and strategy types.
+pub(crate) trait ControlPlane<K>: Send + Sync {
+    fn stats(&self) -> Stats<K>;
+    fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error>;
+}
+
+impl<K, S, P, Kx> ControlPlane<K> for Shared<K, S, P, Kx>
+where
+    K: Hash + Eq + Clone + Send + Sync,
+    S: Send,
+    P: Send + Sync,
+    Kx: Send + Sync,
+{
+    fn stats(&self) -> Stats<K> {
+        Shared::stats(self)
+    }
+
+    fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error> {
+        {
+            let registry = lock(&self.registry);
+            let position = *registry.index.get(key).ok_or(Error::UnknownEndpoint)?;
+            registry.members[position].handle.set_weight(weight.get());
+        }
+        self.control
+            .send(Control::Rebuild)
+            .map_err(|_| Error::Closed)
+    }
+}

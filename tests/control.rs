@@ -1,0 +1,158 @@
+//! Runtime control: weights from discovery and from a handle, and live strategy swaps.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{settle, Echo, Held};
+use tower::{Layer, Service, ServiceExt};
+use tower_lb::strategy::{Endpoints, PickContext, Picker, Strategy};
+use tower_lb::{discover, Balance, BalanceLayer, Error, RoundRobin, Swappable, Weight, Weighted};
+
+/// Always the endpoint with the highest weight; enough to observe weights and swaps.
+#[derive(Clone, Debug)]
+struct Heaviest;
+
+struct HeaviestPicker(Option<usize>);
+
+impl Strategy for Heaviest {
+    type Picker = HeaviestPicker;
+    fn build(&self, endpoints: &Endpoints<'_>) -> HeaviestPicker {
+        HeaviestPicker((0..endpoints.len()).max_by_key(|&i| endpoints.get(i).weight()))
+    }
+}
+
+impl Picker for HeaviestPicker {
+    fn pick(&self, _: &Endpoints<'_>, _: &mut PickContext<'_>) -> Option<usize> {
+        self.0
+    }
+}
+
+async fn send<S>(svc: &mut S) -> usize
+where
+    S: Service<(), Response = usize, Error = tower::BoxError>,
+{
+    svc.ready().await.unwrap().call(()).await.unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn weights_come_from_weighted_discovery() {
+    let endpoints = [
+        (1, Weighted::new(Echo(1), Weight::new(2).unwrap())),
+        (2, Weighted::new(Echo(2), Weight::new(9).unwrap())),
+    ];
+    let mut balance = BalanceLayer::new(Heaviest)
+        .weighted()
+        .layer(discover::fixed(endpoints));
+    assert_eq!(send(&mut balance).await, 2);
+    assert_eq!(balance.stats().get(&1).unwrap().weight, 2);
+    assert_eq!(balance.stats().get(&2).unwrap().weight, 9);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn weights_can_come_from_a_function_of_the_key() {
+    let endpoints = (1..=3).map(|id| (id, Echo(id)));
+    let mut balance = BalanceLayer::new(Heaviest)
+        .weigh_with(|key: &usize, _: &Echo| Weight::new(*key as u32 * 10).unwrap())
+        .layer(discover::fixed(endpoints));
+    assert_eq!(send(&mut balance).await, 3);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_runtime_reweight_changes_picks_and_keeps_counters() {
+    let endpoints = (1..=3).map(|id| (id, Echo(id)));
+    let mut balance = Balance::new(discover::fixed(endpoints), Heaviest);
+    let first = send(&mut balance).await;
+    for _ in 0..4 {
+        assert_eq!(send(&mut balance).await, first);
+    }
+    let other = if first == 1 { 2 } else { 1 };
+    let handle = balance.handle();
+    handle.set_weight(&other, Weight::new(50).unwrap()).unwrap();
+    settle().await;
+    assert_eq!(
+        send(&mut balance).await,
+        other,
+        "the picker follows the new weight"
+    );
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.get(&first).unwrap().picks, 5, "counters are kept");
+    assert_eq!(stats.get(&other).unwrap().weight, 50);
+
+    assert_eq!(
+        handle.set_weight(&99, Weight::ONE).unwrap_err(),
+        Error::UnknownEndpoint
+    );
+    drop(balance);
+    assert_eq!(
+        handle.stats().unwrap_err(),
+        Error::Closed,
+        "the handle does not keep it alive"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_swap_changes_every_clone_at_once_and_keeps_in_flight_counts() {
+    let (discover_handle, source) = discover::channel();
+    discover_handle.insert(1, Held(1));
+    discover_handle.insert(2, Held(2));
+    let strategy = Swappable::new(RoundRobin::new());
+    let swap = strategy.handle();
+    let balance = BalanceLayer::new(strategy).layer(source);
+    let handle = balance.handle();
+    handle.set_weight(&2, Weight::new(3).unwrap()).unwrap();
+    let mut clones: Vec<_> = (0..3).map(|_| balance.clone()).collect();
+
+    // Requests in flight under round-robin.
+    let mut held = Vec::new();
+    for clone in clones.iter_mut() {
+        for _ in 0..2 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let future = clone.ready().await.unwrap().call(rx);
+            held.push((tx, tokio::spawn(future)));
+        }
+    }
+    let before = handle.stats().unwrap();
+    assert_eq!(before.in_flight(), 6);
+
+    assert_eq!(swap.swap(Heaviest), 1, "one live balancer switches");
+    settle().await;
+    for clone in clones.iter_mut() {
+        for _ in 0..3 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let future = clone.ready().await.unwrap().call(rx);
+            tx.send(()).unwrap();
+            assert_eq!(
+                future.await.unwrap(),
+                2,
+                "every clone uses the new strategy"
+            );
+        }
+    }
+    assert_eq!(
+        handle.stats().unwrap().in_flight(),
+        6,
+        "in-flight counts survive the swap"
+    );
+    for (tx, task) in held {
+        tx.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    let after = handle.stats().unwrap();
+    assert_eq!(after.in_flight(), 0);
+    assert_eq!(after.picks(), 15);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn swap_reaches_balancers_built_from_one_layer_and_forgets_dropped_ones() {
+    let strategy = Swappable::new(RoundRobin::new());
+    let swap = strategy.handle();
+    let layer = BalanceLayer::new(strategy);
+    let a = layer.layer(discover::fixed([(1, Echo(1))]));
+    let b = layer.layer(discover::fixed([(1, Echo(1))]));
+    assert_eq!(swap.swap(RoundRobin::new()), 2);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(swap.swap(RoundRobin::new()), 1);
+    drop(b);
+}
