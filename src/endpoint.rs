@@ -54,6 +54,8 @@ pub(crate) struct EndpointState {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last updated, in nanoseconds on the [`clock`] scale.
     rtt_at: AtomicU64,
+    /// A stable name for hashing strategies; fixed for the endpoint's life.
+    identity: Box<str>,
     /// Lets loom see the cell's life: a leaked cell leaks this `Arc` and a double free drops
     /// it twice, and loom reports both.
     #[cfg(tower_lb_loom)]
@@ -133,6 +135,10 @@ impl EndpointState {
         self.rtt_at.store(now, Ordering::Relaxed);
     }
 
+    pub(crate) fn identity(&self) -> &str {
+        &self.identity
+    }
+
     pub(crate) fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
     }
@@ -176,7 +182,13 @@ unsafe impl Send for EndpointHandle {}
 unsafe impl Sync for EndpointHandle {}
 
 impl EndpointHandle {
+    /// An endpoint whose identity is its position-free test name.
+    #[cfg(test)]
     pub(crate) fn new(weight: u32) -> Self {
+        Self::with_identity(weight, Box::from(""))
+    }
+
+    pub(crate) fn with_identity(weight: u32, identity: Box<str>) -> Self {
         let state = Box::new(EndpointState {
             refs: AtomicU64::new(OWNER),
             picks: AtomicU64::new(0),
@@ -186,6 +198,7 @@ impl EndpointHandle {
             consecutive_failures: AtomicU32::new(0),
             rtt_ns: AtomicU64::new(0),
             rtt_at: AtomicU64::new(0),
+            identity,
             #[cfg(tower_lb_loom)]
             _life: crate::sync::Arc::new(()),
         });

@@ -86,7 +86,7 @@ pub mod weight;
 pub use balance::{Balance, BalanceHandle, BalanceLayer, ResponseFuture};
 pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
-pub use key::{NoKey, RequestKey};
+pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
 pub use strategy::{RoundRobin, Swappable};
 pub use weight::{Weight, Weighted};

@@ -156,3 +156,85 @@ async fn swap_reaches_balancers_built_from_one_layer_and_forgets_dropped_ones() 
     assert_eq!(swap.swap(RoundRobin::new()), 1);
     drop(b);
 }
+
+/// A keyed strategy: the key's hash modulo the number of endpoints, or no choice without key.
+#[derive(Clone, Debug)]
+struct Modulo;
+
+struct ModuloPicker;
+
+impl Strategy for Modulo {
+    type Picker = ModuloPicker;
+    fn build(&self, _: &Endpoints<'_>) -> ModuloPicker {
+        ModuloPicker
+    }
+}
+
+impl Picker for ModuloPicker {
+    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
+        cx.key_hash()
+            .map(|hash| (hash % endpoints.len() as u64) as usize)
+    }
+
+    fn is_keyed(&self) -> bool {
+        true
+    }
+
+    fn key_hasher(&self) -> tower_lb::KeyHasher {
+        tower_lb::KeyHasher::crc32()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_keyed_strategy_picks_by_the_request_key_and_waits_for_its_endpoint() {
+    use common::{Gate, Gated};
+    use tower_lb::key_fn;
+
+    let gate = Gate::closed();
+    // Order endpoints by key so that "endpoint i" is index i in the table.
+    let endpoints = vec![
+        (0usize, tower::util::BoxCloneService::new(Echo(0))),
+        (
+            1,
+            tower::util::BoxCloneService::new(Gated {
+                id: 1,
+                gate: gate.clone(),
+            }),
+        ),
+    ];
+    let mut balance = BalanceLayer::new(Modulo)
+        .key(key_fn(|request: &&'static str| {
+            (!request.is_empty()).then_some(*request)
+        }))
+        .layer(discover::fixed(endpoints));
+    let crc = |key: &str| {
+        let mut hasher = tower_lb::KeyHasher::crc32();
+        hasher.write(key.as_bytes());
+        hasher.finish()
+    };
+    let even = ["a", "b", "c", "d", "e", "f"]
+        .into_iter()
+        .find(|k| crc(k) % 2 == 0)
+        .unwrap();
+    let odd = ["a", "b", "c", "d", "e", "f"]
+        .into_iter()
+        .find(|k| crc(k) % 2 == 1)
+        .unwrap();
+
+    let answer = balance.ready().await.unwrap().call(even).await.unwrap();
+    assert_eq!(answer, 0);
+
+    // The odd key maps to the pending endpoint: the request waits for it rather than going
+    // elsewhere, and is answered once it becomes ready.
+    let waiting = tokio::spawn(balance.ready().await.unwrap().call(odd));
+    settle().await;
+    assert!(!waiting.is_finished(), "the endpoint is not ready yet");
+    assert_eq!(balance.stats().get(&1).unwrap().in_flight, 1);
+    gate.open();
+    assert_eq!(waiting.await.unwrap().unwrap(), 1);
+
+    // No key: the picker makes no choice, and the request fails with a typed error.
+    let error = balance.ready().await.unwrap().call("").await.unwrap_err();
+    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
+    assert_eq!(balance.stats().in_flight(), 0);
+}

@@ -131,9 +131,10 @@ where
                     let position = registry.members.len();
                     registry.index.insert(key.clone(), position);
                     tracing::debug!(?key, weight, "endpoint inserted");
+                    let identity = format!("{key:?}").into_boxed_str();
                     registry.members.push(Member {
                         key,
-                        handle: EndpointHandle::new(weight),
+                        handle: EndpointHandle::with_identity(weight, identity),
                         service,
                         since: next_version,
                     });

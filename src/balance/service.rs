@@ -431,9 +431,15 @@ where
                     0
                 };
                 let probe = latency.map(|decay| LatencyProbe::new(now, decay_ns(decay)));
+                let mut hasher = snapshot.picker.key_hasher();
+                let key_hash = self
+                    .shared
+                    .key
+                    .hash_key(&request, &mut hasher)
+                    .then(|| hasher.finish());
                 let mut pick_cx = PickContext {
                     local: &mut self.local.pick,
-                    key_hash: self.shared.key.key_hash(&request),
+                    key_hash,
                     now,
                 };
                 let endpoints = Endpoints::new(&snapshot.endpoints);

@@ -17,8 +17,8 @@
 //! asks again (up to three times in all) before scanning the remaining endpoints from a
 //! random position for a ready one. An endpoint that has not reported ready is never called.
 //! Keyed strategies ([`Picker::is_keyed`]) pick in `call`, where the request is known: the
-//! balancer hashes the request with its [`RequestKey`](crate::RequestKey) and hands the hash to
-//! the picker through [`PickContext::key_hash`]; see [`Picker::is_keyed`] for how readiness is
+//! balancer feeds the request's key (its [`RequestKey`](crate::RequestKey)) into the picker's
+//! [`Picker::key_hasher`] and hands the hash to the picker through [`PickContext::key_hash`]; see [`Picker::is_keyed`] for how readiness is
 //! honoured there. Keeping the key apart from the strategy means swapping, say, a ring for
 //! Maglev keeps the key, and strategies stay independent of the request type.
 //!
@@ -120,6 +120,12 @@ pub trait Picker: Send + Sync + 'static {
         false
     }
 
+    /// The hasher a keyed picker wants request keys fed into; the default is
+    /// [`KeyHasher::stable`](crate::KeyHasher::stable) with seed 0.
+    fn key_hasher(&self) -> crate::KeyHasher {
+        crate::KeyHasher::default()
+    }
+
     /// `Some(decay)` asks the balancer to measure each response's latency into the endpoint's
     /// PeakEWMA estimate with this decay time (read through [`Endpoint::latency_estimate`]).
     /// The balancer then reads the clock once when it picks (available as
@@ -138,8 +144,9 @@ pub struct PickContext<'a> {
 }
 
 impl PickContext<'_> {
-    /// The request's key hash, for keyed pickers: `None` when the picker is not keyed or the
-    /// request had no key (the picker then applies its fallback).
+    /// The request's key hash (from the picker's [`Picker::key_hasher`]), for keyed pickers:
+    /// `None` when the picker is not keyed or the request had no key (the picker then applies
+    /// its fallback).
     pub fn key_hash(&self) -> Option<u64> {
         self.key_hash
     }
@@ -270,6 +277,14 @@ impl Endpoint<'_> {
         self.state.weight()
     }
 
+    /// The endpoint's identity: a stable name derived from its discovery key (by default the
+    /// key's `Debug` form, e.g. `127.0.0.1:8080` for a `SocketAddr`). Hashing strategies place
+    /// endpoints by it, so every process with the same endpoints builds the same table
+    /// whatever the discovery order.
+    pub fn identity(&self) -> &str {
+        self.state.identity()
+    }
+
     /// Requests dispatched to this endpoint so far.
     pub fn picks(&self) -> u64 {
         self.state.picks()
@@ -372,6 +387,10 @@ impl Picker for Box<dyn Picker> {
         (**self).is_keyed()
     }
 
+    fn key_hasher(&self) -> crate::KeyHasher {
+        (**self).key_hasher()
+    }
+
     fn latency_decay(&self) -> Option<std::time::Duration> {
         (**self).latency_decay()
     }
@@ -384,6 +403,15 @@ pub(crate) mod test_util {
     /// Endpoints with the given weights, for strategy unit tests.
     pub(crate) fn endpoints(weights: &[u32]) -> Vec<EndpointHandle> {
         weights.iter().map(|&w| EndpointHandle::new(w)).collect()
+    }
+
+    /// Endpoints with the given identities and weights, for hashing strategies' tests.
+    #[allow(dead_code)]
+    pub(crate) fn named_endpoints(endpoints: &[(&str, u32)]) -> Vec<EndpointHandle> {
+        endpoints
+            .iter()
+            .map(|&(name, w)| EndpointHandle::with_identity(w, Box::from(name)))
+            .collect()
     }
 
     /// Picks `n` times with one clone-local context; returns the chosen indices.
