@@ -72,9 +72,12 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod balance;
+pub mod completion;
 pub mod discover;
 mod endpoint;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod key;
 mod rng;
 mod stats;
@@ -84,6 +87,7 @@ mod table;
 pub mod weight;
 
 pub use balance::{Balance, BalanceHandle, BalanceLayer, ResponseFuture};
+pub use completion::{CompleteOnResponse, TrackCompletion};
 pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};

@@ -9,6 +9,7 @@ use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
+use crate::completion::{CompleteOnResponse, TrackCompletion};
 use crate::endpoint::{clock, InFlightGuard};
 use crate::error::Error;
 
@@ -16,9 +17,10 @@ pin_project! {
     /// The response future of [`Balance`](crate::Balance).
     ///
     /// It owns the request's [`InFlightGuard`]: the endpoint's in-flight count drops when the
-    /// response arrives, when the call fails (counted as a failure), or when this future is
-    /// dropped or unwinds unfinished.
-    pub struct ResponseFuture<S, Req>
+    /// call fails (counted as a failure), when this future is dropped or unwinds unfinished,
+    /// or when the response arrives — then the balancer's [`TrackCompletion`] decides whether
+    /// the guard is dropped or travels on inside the response (e.g. an HTTP body).
+    pub struct ResponseFuture<S, Req, C = CompleteOnResponse>
     where
         S: Service<Req>,
     {
@@ -26,6 +28,7 @@ pin_project! {
         state: State<S, Req>,
         guard: Option<InFlightGuard>,
         latency: Option<LatencyProbe>,
+        completion: C,
     }
 }
 
@@ -57,16 +60,18 @@ pin_project! {
     }
 }
 
-impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     pub(crate) fn called(
         future: S::Future,
         guard: InFlightGuard,
         latency: Option<LatencyProbe>,
+        completion: C,
     ) -> Self {
         Self {
             state: State::Called { future },
             guard: Some(guard),
             latency,
+            completion,
         }
     }
 
@@ -74,29 +79,33 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         oneshot: Oneshot<S, Req>,
         guard: InFlightGuard,
         latency: Option<LatencyProbe>,
+        completion: C,
     ) -> Self {
         Self {
             state: State::Readying { oneshot },
             guard: Some(guard),
             latency,
+            completion,
         }
     }
 
-    pub(crate) fn failed(error: Error) -> Self {
+    pub(crate) fn failed(error: Error, completion: C) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
             guard: None,
             latency: None,
+            completion,
         }
     }
 }
 
-impl<S, Req> Future for ResponseFuture<S, Req>
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    C: TrackCompletion<S::Response>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<C::Output, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -108,24 +117,30 @@ where
                 return Poll::Ready(Err(error.into()));
             }
         };
-        // Release the endpoint now, not when the caller drops the finished future.
-        if let Some(guard) = this.guard.take() {
-            if result.is_err() {
-                guard.record_failure();
-            } else {
+        let Some(guard) = this.guard.take() else {
+            return Poll::Ready(Err("response future polled after completion".into()));
+        };
+        if let Some(probe) = this.latency {
+            let now = clock::now_ns();
+            let sample = now.saturating_sub(probe.start) as f64;
+            guard.record_rtt(sample, now, probe.decay_ns);
+        }
+        match result {
+            Ok(response) => {
                 guard.record_success();
+                Poll::Ready(Ok(this.completion.track(guard, response)))
             }
-            if let Some(probe) = this.latency {
-                let now = clock::now_ns();
-                let sample = now.saturating_sub(probe.start) as f64;
-                guard.record_rtt(sample, now, probe.decay_ns);
+            // Dropping the guard releases the endpoint now, not when the caller drops the
+            // finished future.
+            Err(error) => {
+                guard.record_failure();
+                Poll::Ready(Err(error.into()))
             }
         }
-        Poll::Ready(result.map_err(Into::into))
     }
 }
 
-impl<S: Service<Req>, Req> std::fmt::Debug for ResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, C> std::fmt::Debug for ResponseFuture<S, Req, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("guard", &self.guard)

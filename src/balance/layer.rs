@@ -10,6 +10,7 @@ use tower_layer::Layer;
 
 use super::service::Balance;
 use super::shared::Config;
+use crate::completion::CompleteOnResponse;
 use crate::error::ConfigError;
 use crate::key::NoKey;
 use crate::strategy::Strategy;
@@ -33,10 +34,11 @@ const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// # let _ = builder;
 /// ```
 #[derive(Clone)]
-pub struct BalanceLayer<St, Kx = NoKey, W = Unweighted> {
+pub struct BalanceLayer<St, Kx = NoKey, W = Unweighted, C = CompleteOnResponse> {
     strategy: St,
     key: Kx,
     weigher: W,
+    completion: C,
     config: Config,
 }
 
@@ -48,25 +50,39 @@ impl<St> BalanceLayer<St> {
             strategy,
             key: NoKey,
             weigher: Unweighted,
+            completion: CompleteOnResponse,
             config: Config::default(),
         }
     }
 }
 
-impl<St, Kx, W> BalanceLayer<St, Kx, W> {
+impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
     /// Takes each endpoint's weight from discovery: the inserted services are
     /// [`Weighted`](crate::Weighted).
-    pub fn weighted(self) -> BalanceLayer<St, Kx, FromWeighted> {
+    pub fn weighted(self) -> BalanceLayer<St, Kx, FromWeighted, C> {
         self.weigh_with(FromWeighted)
     }
 
     /// Takes each endpoint's weight from `weigher`, a function of the discovery key and the
     /// inserted service (see [`Weigh`](crate::weight::Weigh)).
-    pub fn weigh_with<W2>(self, weigher: W2) -> BalanceLayer<St, Kx, W2> {
+    pub fn weigh_with<W2>(self, weigher: W2) -> BalanceLayer<St, Kx, W2, C> {
         BalanceLayer {
             strategy: self.strategy,
             key: self.key,
             weigher,
+            completion: self.completion,
+            config: self.config,
+        }
+    }
+
+    /// Sets when a request stops counting as in flight (see
+    /// [`completion`](crate::completion)); the default is when the response arrives.
+    pub fn track_completion<C2>(self, completion: C2) -> BalanceLayer<St, Kx, W, C2> {
+        BalanceLayer {
+            strategy: self.strategy,
+            key: self.key,
+            weigher: self.weigher,
+            completion,
             config: self.config,
         }
     }
@@ -89,17 +105,18 @@ impl<St, Kx, W> BalanceLayer<St, Kx, W> {
 
     /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing).
     /// Unkeyed strategies ignore it.
-    pub fn key<K>(self, key: K) -> BalanceLayer<St, K, W> {
+    pub fn key<K>(self, key: K) -> BalanceLayer<St, K, W, C> {
         BalanceLayer {
             strategy: self.strategy,
             key,
             weigher: self.weigher,
+            completion: self.completion,
             config: self.config,
         }
     }
 }
 
-impl<D, St, Kx, W> Layer<D> for BalanceLayer<St, Kx, W>
+impl<D, St, Kx, W, C> Layer<D> for BalanceLayer<St, Kx, W, C>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
@@ -108,8 +125,9 @@ where
     St: Strategy + Clone,
     Kx: Clone + Send + Sync + 'static,
     W: Weigh<D::Key, D::Service> + Clone,
+    C: Clone,
 {
-    type Service = Balance<D, St, Kx>;
+    type Service = Balance<D, St, Kx, C>;
 
     fn layer(&self, discover: D) -> Self::Service {
         Balance::with_parts(
@@ -117,12 +135,13 @@ where
             self.strategy.clone(),
             self.key.clone(),
             self.weigher.clone(),
+            self.completion.clone(),
             self.config,
         )
     }
 }
 
-impl<St: fmt::Debug, Kx, W> fmt::Debug for BalanceLayer<St, Kx, W> {
+impl<St: fmt::Debug, Kx, W, C> fmt::Debug for BalanceLayer<St, Kx, W, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BalanceLayer")
             .field("strategy", &self.strategy)

@@ -20,6 +20,7 @@ use super::driver::Driver;
 use super::future::{LatencyProbe, ResponseFuture};
 use super::handle::{BalanceHandle, ControlPlane};
 use super::shared::{Config, Control, Registry, Shared, SharedOf, Snapshot};
+use crate::completion::{CompleteOnResponse, TrackCompletion};
 use crate::endpoint::clock;
 use crate::error::Error;
 use crate::key::{NoKey, RequestKey};
@@ -39,13 +40,14 @@ use crate::weight::{Unweighted, Weigh};
 /// The discovery task runs on the tokio runtime current at construction (or, if there is
 /// none, the one current at the first `poll_ready`); it processes changes even when no
 /// request arrives, and ends when the last clone is dropped.
-pub struct Balance<D, St, Kx = NoKey>
+pub struct Balance<D, St, Kx = NoKey, C = CompleteOnResponse>
 where
     D: Discover,
     St: Strategy,
 {
     shared: Arc<SharedOf<D, St, Kx>>,
     local: Local<D::Service, St::Picker>,
+    completion: C,
     _discover: PhantomData<fn() -> D>,
 }
 
@@ -154,11 +156,18 @@ where
     /// Balances over the endpoints `discover` yields, choosing with `strategy`; every
     /// endpoint weighs 1 until a [`BalanceHandle`] reweights it.
     pub fn new(discover: D, strategy: St) -> Self {
-        Self::with_parts(discover, strategy, NoKey, Unweighted, Config::default())
+        Self::with_parts(
+            discover,
+            strategy,
+            NoKey,
+            Unweighted,
+            CompleteOnResponse,
+            Config::default(),
+        )
     }
 }
 
-impl<D, St, Kx> Balance<D, St, Kx>
+impl<D, St, Kx, C> Balance<D, St, Kx, C>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
@@ -172,6 +181,7 @@ where
         strategy: St,
         key: Kx,
         weigher: W,
+        completion: C,
         config: Config,
     ) -> Self
     where
@@ -214,12 +224,13 @@ where
         Self {
             shared,
             local: Local::new(),
+            completion,
             _discover: PhantomData,
         }
     }
 }
 
-impl<D, St, Kx> Balance<D, St, Kx>
+impl<D, St, Kx, C> Balance<D, St, Kx, C>
 where
     D: Discover,
     D::Key: Hash + Eq + Clone,
@@ -231,7 +242,7 @@ where
     }
 }
 
-impl<D, St, Kx> Balance<D, St, Kx>
+impl<D, St, Kx, C> Balance<D, St, Kx, C>
 where
     D: Discover,
     D::Key: Hash + Eq + Clone + Send + Sync + 'static,
@@ -246,7 +257,7 @@ where
     }
 }
 
-impl<D, St, Kx> Balance<D, St, Kx>
+impl<D, St, Kx, C> Balance<D, St, Kx, C>
 where
     D: Discover,
     D::Service: Clone,
@@ -372,17 +383,18 @@ where
     }
 }
 
-impl<D, St, Kx, Req> Service<Req> for Balance<D, St, Kx>
+impl<D, St, Kx, C, Req> Service<Req> for Balance<D, St, Kx, C>
 where
     D: Discover,
     D::Service: Service<Req> + Clone,
     <D::Service as Service<Req>>::Error: Into<BoxError>,
     St: Strategy,
     Kx: RequestKey<Req>,
+    C: TrackCompletion<<D::Service as Service<Req>>::Response>,
 {
-    type Response = <D::Service as Service<Req>>::Response;
+    type Response = C::Output;
     type Error = BoxError;
-    type Future = ResponseFuture<D::Service, Req>;
+    type Future = ResponseFuture<D::Service, Req, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.shared.ensure_driver()?;
@@ -418,10 +430,12 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let reserved = std::mem::replace(&mut self.local.reserved, Reserved::None);
         let Some(snapshot) = &self.local.snapshot else {
-            return ResponseFuture::failed(Error::NotReady);
+            return ResponseFuture::failed(Error::NotReady, self.completion.clone());
         };
         let index = match reserved {
-            Reserved::None => return ResponseFuture::failed(Error::NotReady),
+            Reserved::None => {
+                return ResponseFuture::failed(Error::NotReady, self.completion.clone())
+            }
             Reserved::Endpoint(index) => index,
             Reserved::Keyed => {
                 let latency = snapshot.picker.latency_decay();
@@ -449,19 +463,25 @@ where
                         let service = &mut self.local.services[index];
                         let mut noop = Context::from_waker(std::task::Waker::noop());
                         return match service.poll_ready(&mut noop) {
-                            Poll::Ready(Ok(())) => {
-                                ResponseFuture::called(service.call(request), guard, probe)
-                            }
+                            Poll::Ready(Ok(())) => ResponseFuture::called(
+                                service.call(request),
+                                guard,
+                                probe,
+                                self.completion.clone(),
+                            ),
                             // Not ready (or failing): let the response future ready a clone
                             // of it, so the request still goes where its key maps.
                             _ => ResponseFuture::readying(
                                 Oneshot::new(service.clone(), request),
                                 guard,
                                 probe,
+                                self.completion.clone(),
                             ),
                         };
                     }
-                    _ => return ResponseFuture::failed(Error::NoEndpoints),
+                    _ => {
+                        return ResponseFuture::failed(Error::NoEndpoints, self.completion.clone())
+                    }
                 }
             }
         };
@@ -470,26 +490,33 @@ where
             .picker
             .latency_decay()
             .map(|decay| LatencyProbe::new(self.local.picked_at, decay_ns(decay)));
-        ResponseFuture::called(self.local.services[index].call(request), guard, probe)
+        ResponseFuture::called(
+            self.local.services[index].call(request),
+            guard,
+            probe,
+            self.completion.clone(),
+        )
     }
 }
 
-impl<D, St, Kx> Clone for Balance<D, St, Kx>
+impl<D, St, Kx, C> Clone for Balance<D, St, Kx, C>
 where
     D: Discover,
     D::Service: Clone,
     St: Strategy,
+    C: Clone,
 {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
             local: Local::new(),
+            completion: self.completion.clone(),
             _discover: PhantomData,
         }
     }
 }
 
-impl<D, St, Kx> fmt::Debug for Balance<D, St, Kx>
+impl<D, St, Kx, C> fmt::Debug for Balance<D, St, Kx, C>
 where
     D: Discover,
     St: Strategy,
