@@ -19,6 +19,14 @@ pub trait TrackCompletion<Resp>: Clone + Send + Sync + 'static {
     /// Takes the request's guard and its response; drop the guard to end the request's
     /// in-flight accounting now, or keep it in the output to end it later.
     fn track(&self, guard: InFlightGuard, response: Resp) -> Self::Output;
+
+    /// Whether a response that arrived counts as a failure of its endpoint (for outlier
+    /// detection and error-aware strategies), e.g. an HTTP 5xx. The response is still
+    /// returned to the caller. The default: no response is a failure; only errors are.
+    fn is_failure(&self, response: &Resp) -> bool {
+        let _ = response;
+        false
+    }
 }
 
 /// A request stops counting as in flight when its response (head) arrives: the default.

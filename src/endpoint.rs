@@ -11,7 +11,7 @@
 use std::fmt;
 use std::ptr::NonNull;
 
-use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// The balancer's clock: tokio's, so that latency estimates follow a paused test clock.
 pub(crate) mod clock {
@@ -24,6 +24,35 @@ pub(crate) mod clock {
     pub(crate) fn now_ns() -> u64 {
         let epoch = *EPOCH.get_or_init(Instant::now);
         Instant::now().saturating_duration_since(epoch).as_nanos() as u64
+    }
+}
+
+/// The endpoint's service failed `poll_ready`; out of rotation until re-inserted.
+pub(crate) const BROKEN: u32 = 1;
+/// Ejected by outlier detection; back when its ejection time is over.
+pub(crate) const EJECTED: u32 = 2;
+/// Being drained: no new requests; the drain waiter is woken when in-flight reaches zero.
+pub(crate) const DRAINING: u32 = 4;
+
+/// What an endpoint reports to its balancer from the response path.
+pub(crate) struct EndpointEvents {
+    /// Consecutive failures that eject the endpoint; 0 disables ejection.
+    pub(crate) eject_after: u32,
+    /// How many endpoints may be ejected at once, and how many are.
+    pub(crate) max_ejected: std::sync::atomic::AtomicUsize,
+    pub(crate) ejected: std::sync::atomic::AtomicUsize,
+    /// Wakes the discovery task, which times the ejection.
+    pub(crate) wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl EndpointEvents {
+    /// Takes one of the ejection slots, if one is free.
+    fn try_eject(&self) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        let max = self.max_ejected.load(Ordering::Acquire);
+        self.ejected
+            .fetch_update(AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .is_ok()
     }
 }
 
@@ -44,10 +73,17 @@ pub(crate) struct EndpointState {
     picks: AtomicU64,
     /// Requests and readiness checks that failed.
     failures: AtomicU64,
-    /// The current weight (at least 1).
+    /// The weight strategies see (at least 1): the configured weight, or less while the
+    /// endpoint is slow-starting.
     weight: AtomicU32,
-    /// Set when the endpoint's service failed `poll_ready`; cleared when it is re-inserted.
-    broken: AtomicBool,
+    /// The weight discovery or a handle gave (at least 1).
+    configured_weight: AtomicU32,
+    /// `BROKEN | EJECTED | DRAINING`.
+    flags: AtomicU32,
+    /// Who to tell when the endpoint fails too often; `None` outside a balancer.
+    events: Option<std::sync::Arc<EndpointEvents>>,
+    /// Woken when the last in-flight request of a draining endpoint finishes.
+    drained: futures_util::task::AtomicWaker,
     /// Responses that failed in a row; a success resets it.
     consecutive_failures: AtomicU32,
     /// The PeakEWMA latency estimate in nanoseconds, as `f64` bits; 0 before any sample.
@@ -83,7 +119,17 @@ impl EndpointState {
         self.weight.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn configured_weight(&self) -> u32 {
+        self.configured_weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the configured weight; the driver derives the weight strategies see from it.
     pub(crate) fn set_weight(&self, weight: u32) {
+        self.configured_weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// Sets the weight strategies see.
+    pub(crate) fn set_effective_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
     }
 
@@ -92,9 +138,22 @@ impl EndpointState {
     }
 
     /// Counts a failed response: the failure total and the run of consecutive failures.
-    pub(crate) fn record_response_failure(&self) {
+    /// Returns `true` when the run has just reached the balancer's ejection threshold and the
+    /// endpoint was ejected (within the balancer's cap on ejected endpoints).
+    pub(crate) fn record_response_failure(&self) -> bool {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        let run = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        match &self.events {
+            Some(events) if run == events.eject_after && events.try_eject() => {
+                self.flags.fetch_or(EJECTED, Ordering::AcqRel);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn reset_consecutive_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
     /// Ends a run of failures. Reads first so that the common case writes nothing.
@@ -139,17 +198,43 @@ impl EndpointState {
         &self.identity
     }
 
-    pub(crate) fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Relaxed)
+    pub(crate) fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Relaxed)
     }
 
-    /// Marks the endpoint broken; returns `true` for the caller that changed the flag.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.flags() & BROKEN != 0
+    }
+
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.flags() & EJECTED != 0
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.flags() & DRAINING != 0
+    }
+
+    /// Sets `flag`; returns `true` for the caller that changed it.
+    pub(crate) fn set_flag(&self, flag: u32) -> bool {
+        self.flags.fetch_or(flag, Ordering::AcqRel) & flag == 0
+    }
+
+    /// Clears `flag`; returns `true` for the caller that changed it.
+    pub(crate) fn clear_flag(&self, flag: u32) -> bool {
+        self.flags.fetch_and(!flag, Ordering::AcqRel) & flag != 0
+    }
+
     pub(crate) fn mark_broken(&self) -> bool {
-        !self.broken.swap(true, Ordering::AcqRel)
+        self.set_flag(BROKEN)
     }
 
     pub(crate) fn clear_broken(&self) {
-        self.broken.store(false, Ordering::Release);
+        self.clear_flag(BROKEN);
+    }
+
+    /// Registers the drain waiter's waker.
+    pub(crate) fn register_drain_waker(&self, waker: &std::task::Waker) {
+        self.drained.register(waker);
     }
 }
 
@@ -182,19 +267,26 @@ unsafe impl Send for EndpointHandle {}
 unsafe impl Sync for EndpointHandle {}
 
 impl EndpointHandle {
-    /// An endpoint whose identity is its position-free test name.
+    /// An endpoint with no identity and no balancer to report to, for unit tests.
     #[cfg(test)]
     pub(crate) fn new(weight: u32) -> Self {
-        Self::with_identity(weight, Box::from(""))
+        Self::with_identity(weight, Box::from(""), None)
     }
 
-    pub(crate) fn with_identity(weight: u32, identity: Box<str>) -> Self {
+    pub(crate) fn with_identity(
+        weight: u32,
+        identity: Box<str>,
+        events: Option<std::sync::Arc<EndpointEvents>>,
+    ) -> Self {
         let state = Box::new(EndpointState {
             refs: AtomicU64::new(OWNER),
             picks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             weight: AtomicU32::new(weight),
-            broken: AtomicBool::new(false),
+            configured_weight: AtomicU32::new(weight),
+            flags: AtomicU32::new(0),
+            events,
+            drained: futures_util::task::AtomicWaker::new(),
             consecutive_failures: AtomicU32::new(0),
             rtt_ns: AtomicU64::new(0),
             rtt_at: AtomicU64::new(0),
@@ -292,10 +384,14 @@ impl InFlightGuard {
     }
 
     /// Counts the request as failed against its endpoint (the failure total and the run of
-    /// consecutive failures that load-aware strategies hold against it); the guard is
-    /// released as usual.
+    /// consecutive failures that load-aware strategies and outlier detection hold against
+    /// it); the guard is released as usual.
     pub fn record_failure(&self) {
-        self.state().record_response_failure();
+        if self.state().record_response_failure() {
+            if let Some(events) = &self.state().events {
+                events.wake.notify_one();
+            }
+        }
     }
 
     /// Counts the request as answered successfully, ending any run of failures.
@@ -307,6 +403,12 @@ impl InFlightGuard {
         self.state().record_rtt(sample_ns, now, decay_ns);
     }
 
+    /// An owning handle on the same endpoint.
+    pub(crate) fn owner(&self) -> EndpointHandle {
+        self.state().refs.fetch_add(OWNER, Ordering::Relaxed);
+        EndpointHandle { ptr: self.ptr }
+    }
+
     /// The number of requests in flight to this guard's endpoint, this one included.
     pub fn endpoint_in_flight(&self) -> u64 {
         self.state().in_flight()
@@ -315,6 +417,17 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
+        if self.state().is_draining() {
+            // Someone waits for the drain: keep the cell alive (as an owner) across the
+            // release so the waker can be reached afterwards.
+            let owner = self.owner();
+            // SAFETY: this guard holds one in-flight reference.
+            unsafe { release(self.ptr, 1) };
+            if owner.in_flight() == 0 {
+                owner.drained.wake();
+            }
+            return;
+        }
         // SAFETY: this guard holds one in-flight reference.
         unsafe { release(self.ptr, 1) }
     }

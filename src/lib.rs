@@ -76,6 +76,7 @@ pub mod completion;
 pub mod discover;
 mod endpoint;
 mod error;
+pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 mod key;
@@ -86,7 +87,7 @@ mod sync;
 mod table;
 pub mod weight;
 
-pub use balance::{Balance, BalanceHandle, BalanceLayer, ResponseFuture};
+pub use balance::{Balance, BalanceHandle, BalanceLayer, Drain, ResponseFuture};
 pub use completion::{CompleteOnResponse, TrackCompletion};
 pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};

@@ -20,14 +20,17 @@ pub struct Stats<K> {
     pub discovery_errors: u64,
     /// Whether the discovery stream has ended (the last endpoint set is kept).
     pub discovery_ended: bool,
+    /// Whether too few endpoints are available, so ejected ones are picked too (see
+    /// [`health`](crate::health)).
+    pub panic_mode: bool,
 }
 
 impl<K> Stats<K> {
-    /// Endpoints that can receive new requests.
+    /// Endpoints that can receive new requests (active or slow-starting).
     pub fn available(&self) -> usize {
         self.endpoints
             .iter()
-            .filter(|e| e.status == EndpointStatus::Active)
+            .filter(|e| matches!(e.status, EndpointStatus::Active | EndpointStatus::SlowStart))
             .count()
     }
 
@@ -64,8 +67,15 @@ pub struct EndpointStats<K> {
     pub picks: u64,
     /// Requests that failed, plus failed readiness checks.
     pub failures: u64,
-    /// Its weight.
+    /// Responses that failed in a row, up to now.
+    pub consecutive_failures: u32,
+    /// Its weight, as discovery or a handle set it.
     pub weight: u32,
+    /// The weight strategies use now: lower while slow-starting (scaled by 100 while any
+    /// endpoint slow-starts).
+    pub effective_weight: u32,
+    /// Times outlier detection has ejected it since its count last started over.
+    pub ejections: u32,
     /// Whether it takes new requests.
     pub status: EndpointStatus,
 }
@@ -78,6 +88,12 @@ pub enum EndpointStatus {
     Active,
     /// Its service failed a readiness check; out of rotation until discovery inserts it again.
     Broken,
+    /// Ejected by outlier detection; back on its own when the ejection ends.
+    Ejected,
+    /// Taking a growing share of traffic after being added or coming back.
+    SlowStart,
+    /// Being drained: no new requests; removed once its in-flight requests finish.
+    Draining,
     /// Removed by discovery; shown while requests to it are still in flight.
     Removed,
 }

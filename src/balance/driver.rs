@@ -8,12 +8,18 @@ use std::pin::Pin;
 use std::sync::Weak;
 use std::task::{Context, Poll};
 
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
+
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
 use tower::BoxError;
 
-use super::shared::{Control, Member, SharedOf, Snapshot};
-use crate::endpoint::EndpointHandle;
+use super::shared::{Config, Control, Member, SharedOf, Snapshot};
+use crate::endpoint::{EndpointEvents, EndpointHandle, EJECTED};
+use crate::health::slow_start::{SCALE, STEPS};
 use crate::strategy::{Endpoints, Strategy};
 use crate::sync::{lock, Mutex, Ordering};
 use crate::weight::Weigh;
@@ -29,6 +35,12 @@ pub(crate) struct Driver<D: Discover, St: Strategy, Kx, W> {
     weigher: W,
     control: mpsc::UnboundedReceiver<Control>,
     shared: Weak<SharedOf<D, St, Kx>>,
+    config: Config,
+    /// Woken when an endpoint ejects itself on the response path.
+    ejected: Pin<Box<OwnedNotified>>,
+    events: Arc<EndpointEvents>,
+    /// The next ejection end or slow-start step.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<D, St, Kx, W> Driver<D, St, Kx, W>
@@ -46,6 +58,8 @@ where
         weigher: W,
         control: mpsc::UnboundedReceiver<Control>,
         shared: Weak<SharedOf<D, St, Kx>>,
+        config: Config,
+        events: Arc<EndpointEvents>,
     ) -> Self {
         Self {
             discover: Box::pin(discover),
@@ -54,7 +68,16 @@ where
             weigher,
             control,
             shared,
+            config,
+            ejected: Box::pin(Arc::clone(&events.wake).notified_owned()),
+            events,
+            timer: None,
         }
+    }
+
+    /// Whether the health features that need a clock are on.
+    fn timed(&self) -> bool {
+        self.config.outlier.is_some() || self.config.slow_start.is_some()
     }
 
     /// Applies whatever is ready; returns `Ready` when the balancer is gone.
@@ -65,6 +88,20 @@ where
         let mut dirty = false;
         let mut budget = BATCH;
         let next_version = shared.table.version() + 1;
+        let now = Instant::now();
+        let had_endpoints = lock(&shared.registry)
+            .members
+            .iter()
+            .any(|m| !m.handle.is_broken());
+
+        if self.ejected.as_mut().poll(cx).is_ready() {
+            self.ejected = Box::pin(Arc::clone(&self.events.wake).notified_owned());
+            // Register for the next ejection; a permit stored meanwhile fires at once.
+            if self.ejected.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+            dirty |= self.start_ejections(&shared, now);
+        }
 
         loop {
             match self.control.poll_recv(cx) {
@@ -82,7 +119,9 @@ where
             match self.discover.as_mut().poll_discover(cx) {
                 Poll::Ready(Some(Ok(change))) => {
                     budget -= 1;
-                    self.apply(&shared.registry, change, next_version);
+                    let ramp_from =
+                        (had_endpoints && self.config.slow_start.is_some()).then_some(now);
+                    self.apply(&shared.registry, change, next_version, ramp_from);
                     dirty = true;
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -100,8 +139,14 @@ where
             }
         }
 
+        if self.timed() {
+            dirty |= self.on_time(&shared, now);
+        }
         if dirty {
-            self.publish(&shared);
+            self.publish(&shared, now);
+        }
+        if self.timed() {
+            self.arm_timer(&shared, cx);
         }
         if budget == 0 {
             // More changes may be ready: come back after other tasks had a turn.
@@ -115,6 +160,7 @@ where
         registry: &Mutex<Registry<D>>,
         change: Change<D::Key, D::Service>,
         next_version: u64,
+        ramp_from: Option<Instant>,
     ) {
         let mut registry = lock(registry);
         match change {
@@ -132,12 +178,14 @@ where
                     registry.index.insert(key.clone(), position);
                     tracing::debug!(?key, weight, "endpoint inserted");
                     let identity = format!("{key:?}").into_boxed_str();
-                    registry.members.push(Member {
-                        key,
-                        handle: EndpointHandle::with_identity(weight, identity),
-                        service,
-                        since: next_version,
-                    });
+                    let handle = EndpointHandle::with_identity(
+                        weight,
+                        identity,
+                        Some(Arc::clone(&self.events)),
+                    );
+                    let mut member = Member::new(key, handle, service, next_version);
+                    member.ramp_from = ramp_from;
+                    registry.members.push(member);
                 }
             }
             Change::Remove(key) => {
@@ -172,22 +220,175 @@ where
         true
     }
 
-    fn publish(&self, shared: &SharedOf<D, St, Kx>) {
-        let (endpoints, services): (Vec<_>, Vec<_>) = {
-            let mut registry = lock(&shared.registry);
-            registry.prune_retired();
+    /// Times the ejections that endpoints started on the response path.
+    fn start_ejections(&self, shared: &SharedOf<D, St, Kx>, now: Instant) -> bool {
+        let Some(outlier) = self.config.outlier else {
+            return false;
+        };
+        let mut registry = lock(&shared.registry);
+        let mut changed = false;
+        for member in registry.members.iter_mut() {
+            if !member.handle.is_ejected() || member.ejected_until.is_some() {
+                continue;
+            }
+            // A long healthy stretch since the last return starts the count over.
+            if member
+                .returned_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= outlier.max_ejection_time)
+            {
+                member.ejections = 0;
+            }
+            member.ejections += 1;
+            let time = outlier.ejection_time(member.ejections);
+            member.ejected_until = Some(now + time);
+            member.ramp_from = None;
+            changed = true;
+            tracing::warn!(
+                key = ?member.key,
+                ejections = member.ejections,
+                ?time,
+                "endpoint ejected after consecutive failures"
+            );
+        }
+        changed
+    }
+
+    /// Ends due ejections and slow starts. Returns whether anything changed.
+    fn on_time(&self, shared: &SharedOf<D, St, Kx>, now: Instant) -> bool {
+        let mut registry = lock(&shared.registry);
+        let mut changed = false;
+        for member in registry.members.iter_mut() {
+            if member.ejected_until.is_some_and(|until| until <= now) {
+                member.ejected_until = None;
+                member.returned_at = Some(now);
+                member.handle.reset_consecutive_failures();
+                if member.handle.clear_flag(EJECTED) {
+                    self.events.ejected.fetch_sub(1, AtomicOrdering::AcqRel);
+                }
+                if self.config.slow_start.is_some() {
+                    member.ramp_from = Some(now);
+                }
+                changed = true;
+                tracing::info!(key = ?member.key, "ejection over; endpoint back in rotation");
+            }
+            if let (Some(from), Some(slow)) = (member.ramp_from, self.config.slow_start) {
+                let elapsed = now.saturating_duration_since(from);
+                if elapsed >= slow.window {
+                    member.ramp_from = None;
+                    tracing::debug!(key = ?member.key, "slow start over");
+                }
+                // Every step changes effective weights.
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Sleeps until the next ejection end or slow-start step.
+    fn arm_timer(&mut self, shared: &SharedOf<D, St, Kx>, cx: &mut Context<'_>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            // The priming poll at construction may run outside a runtime; the task arms it.
+            return;
+        }
+        let next = {
+            let registry = lock(&shared.registry);
+            let step = self
+                .config
+                .slow_start
+                .map(|slow| slow.window / STEPS)
+                .unwrap_or_default();
             registry
                 .members
                 .iter()
-                .filter(|m| !m.handle.is_broken())
-                .map(|m| (m.handle.clone(), m.service.clone()))
-                .unzip()
+                .flat_map(|m| {
+                    let ramp = m.ramp_from.map(|from| {
+                        let elapsed = Instant::now().saturating_duration_since(from);
+                        let done = (elapsed.as_nanos() / step.as_nanos().max(1)) as u32;
+                        from + step * (done + 1)
+                    });
+                    [m.ejected_until, ramp]
+                })
+                .flatten()
+                .min()
         };
+        let Some(next) = next else {
+            self.timer = None;
+            return;
+        };
+        match &mut self.timer {
+            Some(timer) if timer.deadline() == next => {}
+            Some(timer) => timer.as_mut().reset(next),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(next))),
+        }
+        if let Some(timer) = &mut self.timer {
+            if timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+    }
+
+    fn publish(&self, shared: &SharedOf<D, St, Kx>, now: Instant) {
+        let mut registry = lock(&shared.registry);
+        registry.prune_retired();
+        // Draining endpoints leave the table; their in-flight requests finish.
+        while let Some(position) = registry.members.iter().position(|m| m.handle.is_draining()) {
+            let key = registry.members[position].key.clone();
+            if let Some(member) = registry.remove(&key) {
+                tracing::info!(key = ?member.key, in_flight = member.handle.in_flight(), "endpoint draining");
+                registry.retired.push((member.key, member.handle));
+            }
+        }
+
+        let usable = registry.members.iter().filter(|m| !m.handle.is_broken());
+        let total = usable.clone().count();
+        let available = usable.clone().filter(|m| !m.handle.is_ejected()).count();
+        let panic = self.config.panic_threshold > 0.0
+            && total > 0
+            && (available as f64) < self.config.panic_threshold * total as f64;
+        if panic != shared.panicking.swap(panic, AtomicOrdering::Relaxed) {
+            if panic {
+                tracing::warn!(
+                    available,
+                    total,
+                    "panic mode: too few endpoints available; balancing over all of them"
+                );
+            } else {
+                tracing::info!(available, total, "panic mode over");
+            }
+        }
+        if let Some(outlier) = self.config.outlier {
+            self.events
+                .max_ejected
+                .store(outlier.max_ejected(total), AtomicOrdering::Release);
+        }
+        let ramping = registry.members.iter().any(|m| m.ramp_from.is_some());
+
+        let (endpoints, services): (Vec<_>, Vec<_>) = registry
+            .members
+            .iter()
+            .filter(|m| !m.handle.is_broken() && (panic || !m.handle.is_ejected()))
+            .map(|m| {
+                let weight = m.handle.configured_weight();
+                let effective = match (ramping, self.config.slow_start) {
+                    (true, Some(slow)) => {
+                        let factor = m.ramp_from.map_or(SCALE, |from| {
+                            slow.factor(now.saturating_duration_since(from))
+                        });
+                        weight * factor
+                    }
+                    _ => weight,
+                };
+                m.handle.set_effective_weight(effective.max(1));
+                (m.handle.clone(), m.service.clone())
+            })
+            .unzip();
+        drop(registry);
         let picker = self.strategy.build(&Endpoints::new(&endpoints));
         shared.table.publish(Snapshot {
             endpoints: endpoints.into_boxed_slice(),
             services: Mutex::new(services.into_boxed_slice()),
             picker,
+            honor_ejection: !panic,
         });
         shared.published.notify_waiters();
     }

@@ -127,7 +127,11 @@ where
         }
         match result {
             Ok(response) => {
-                guard.record_success();
+                if this.completion.is_failure(&response) {
+                    guard.record_failure();
+                } else {
+                    guard.record_success();
+                }
                 Poll::Ready(Ok(this.completion.track(guard, response)))
             }
             // Dropping the guard releases the endpoint now, not when the caller drops the

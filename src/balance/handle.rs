@@ -1,10 +1,14 @@
 //! `BalanceHandle`: reach a running balancer from anywhere.
 
 use std::fmt;
+use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 
 use super::shared::{Control, Shared};
+use crate::endpoint::{EndpointHandle, DRAINING};
 use crate::error::Error;
 use crate::stats::Stats;
 use crate::sync::lock;
@@ -53,6 +57,50 @@ impl<K> BalanceHandle<K> {
     pub fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error> {
         self.upgrade()?.set_weight(key, weight)
     }
+
+    /// Drains an endpoint: it gets no new requests at once (requests already reserved by a
+    /// `poll_ready` may still be sent), and it is removed from the balancer. The returned
+    /// future resolves when its in-flight requests have finished.
+    ///
+    /// A later `Insert` of the same key from discovery adds it again as a new endpoint.
+    pub fn drain(&self, key: &K) -> Result<Drain, Error> {
+        let handle = self.upgrade()?.drain(key)?;
+        Ok(Drain { handle })
+    }
+}
+
+/// Resolves when a drained endpoint has no request in flight; see [`BalanceHandle::drain`].
+#[must_use = "a drain future does nothing unless polled"]
+pub struct Drain {
+    handle: EndpointHandle,
+}
+
+impl Drain {
+    /// Requests still in flight to the endpoint.
+    pub fn in_flight(&self) -> u64 {
+        self.handle.in_flight()
+    }
+}
+
+impl Future for Drain {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.handle.register_drain_waker(cx.waker());
+        if self.handle.in_flight() == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl fmt::Debug for Drain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Drain")
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
 }
 
 impl<K> Clone for BalanceHandle<K> {
@@ -75,6 +123,7 @@ impl<K> fmt::Debug for BalanceHandle<K> {
 pub(crate) trait ControlPlane<K>: Send + Sync {
     fn stats(&self) -> Stats<K>;
     fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error>;
+    fn drain(&self, key: &K) -> Result<EndpointHandle, Error>;
 }
 
 impl<K, S, P, Kx> ControlPlane<K> for Shared<K, S, P, Kx>
@@ -97,5 +146,19 @@ where
         self.control
             .send(Control::Rebuild)
             .map_err(|_| Error::Closed)
+    }
+
+    fn drain(&self, key: &K) -> Result<EndpointHandle, Error> {
+        let handle = {
+            let registry = lock(&self.registry);
+            let position = *registry.index.get(key).ok_or(Error::UnknownEndpoint)?;
+            let handle = registry.members[position].handle.clone();
+            handle.set_flag(DRAINING);
+            handle
+        };
+        self.control
+            .send(Control::Rebuild)
+            .map_err(|_| Error::Closed)?;
+        Ok(handle)
     }
 }

@@ -12,6 +12,7 @@ use super::service::Balance;
 use super::shared::Config;
 use crate::completion::CompleteOnResponse;
 use crate::error::ConfigError;
+use crate::health::{OutlierDetection, SlowStart};
 use crate::key::NoKey;
 use crate::strategy::Strategy;
 use crate::weight::{FromWeighted, Unweighted, Weigh};
@@ -101,6 +102,33 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
         }
         self.config.wait_for_endpoints = (!wait.is_zero()).then_some(wait);
         Ok(self)
+    }
+
+    /// Ejects endpoints whose responses keep failing; see [`health`](crate::health). Off by
+    /// default. Needs tokio's timer.
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+        self.config.outlier = Some(outlier);
+        self
+    }
+
+    /// When fewer than `share` (0–1) of the endpoints are available, balance over all of them,
+    /// ejected ones included; `0` disables panic mode. The default is `0.5`, as in Envoy.
+    pub fn panic_threshold(mut self, share: f64) -> Result<Self, ConfigError> {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(ConfigError::new(
+                "panic_threshold",
+                format!("{share} is not a share between 0 and 1"),
+            ));
+        }
+        self.config.panic_threshold = share;
+        Ok(self)
+    }
+
+    /// Ramps up the share of new and recovered endpoints; see [`health`](crate::health). Off by
+    /// default. Needs tokio's timer.
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.config.slow_start = Some(slow_start);
+        self
     }
 
     /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing).

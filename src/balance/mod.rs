@@ -38,6 +38,6 @@ mod shared;
 pub(crate) use shared::Control;
 
 pub use future::ResponseFuture;
-pub use handle::BalanceHandle;
+pub use handle::{BalanceHandle, Drain};
 pub use layer::BalanceLayer;
 pub use service::Balance;

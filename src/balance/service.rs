@@ -21,7 +21,7 @@ use super::future::{LatencyProbe, ResponseFuture};
 use super::handle::{BalanceHandle, ControlPlane};
 use super::shared::{Config, Control, Registry, Shared, SharedOf, Snapshot};
 use crate::completion::{CompleteOnResponse, TrackCompletion};
-use crate::endpoint::clock;
+use crate::endpoint::{clock, EndpointEvents, BROKEN, DRAINING, EJECTED};
 use crate::error::Error;
 use crate::key::{NoKey, RequestKey};
 use crate::stats::Stats;
@@ -188,6 +188,12 @@ where
         W: Weigh<D::Key, D::Service>,
     {
         let (control, control_rx) = mpsc::unbounded_channel();
+        let events = Arc::new(EndpointEvents {
+            eject_after: config.outlier.map_or(0, |o| o.consecutive_failures),
+            max_ejected: std::sync::atomic::AtomicUsize::new(0),
+            ejected: std::sync::atomic::AtomicUsize::new(0),
+            wake: Arc::new(Notify::new()),
+        });
         strategy.attach(Rebuild {
             control: control.downgrade(),
         });
@@ -197,6 +203,7 @@ where
                 endpoints: Box::new([]),
                 services: Mutex::new(Box::new([])),
                 picker: empty,
+                honor_ejection: true,
             }),
             registry: Mutex::new(Registry::new()),
             published: Arc::new(Notify::new()),
@@ -207,6 +214,7 @@ where
             spawned: AtomicBool::new(false),
             discovery_errors: AtomicU64::new(0),
             discovery_ended: AtomicBool::new(false),
+            panicking: AtomicBool::new(false),
         });
         let mut driver = Driver::new(
             discover,
@@ -214,6 +222,8 @@ where
             weigher,
             control_rx,
             Arc::downgrade(&shared),
+            config,
+            events,
         );
         // Take in whatever discovery has ready now (a fixed list, say), so the first request
         // does not race the task's first turn. The task registers its real waker when it runs.
@@ -277,7 +287,9 @@ where
             return Poll::Ready(false);
         };
         let handle = &snapshot.endpoints[index];
-        if handle.is_broken() {
+        let flags = handle.flags();
+        let unavailable = BROKEN | DRAINING | if snapshot.honor_ejection { EJECTED } else { 0 };
+        if flags & unavailable != 0 {
             return Poll::Ready(false);
         }
         match self.local.services[index].poll_ready(cx) {
@@ -408,8 +420,9 @@ where
             return self.poll_no_endpoints(version, cx);
         };
         let usable = if snapshot.picker.is_keyed() {
-            let live = (0..self.local.dead.len())
-                .any(|i| !self.local.dead[i] && !snapshot.endpoints[i].is_broken());
+            let live = (0..self.local.dead.len()).any(|i| {
+                !self.local.dead[i] && snapshot.endpoints[i].flags() & (BROKEN | DRAINING) == 0
+            });
             live.then_some(Reserved::Keyed)
         } else {
             match self.pick_ready::<Req>(cx) {

@@ -10,16 +10,32 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::endpoint::EndpointHandle;
 use crate::error::Error;
+use crate::health::{OutlierDetection, SlowStart};
 use crate::stats::{EndpointStats, EndpointStatus, Stats};
 use crate::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::table::Published;
 
 /// Settings that do not depend on the strategy.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Config {
     /// How long `poll_ready` waits for discovery to produce an endpoint before failing with
     /// `NoEndpoints`; `None` fails at once.
     pub(crate) wait_for_endpoints: Option<Duration>,
+    pub(crate) outlier: Option<OutlierDetection>,
+    /// Below this share of available endpoints, ejected ones are used too; 0 disables it.
+    pub(crate) panic_threshold: f64,
+    pub(crate) slow_start: Option<SlowStart>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            wait_for_endpoints: None,
+            outlier: None,
+            panic_threshold: 0.5,
+            slow_start: None,
+        }
+    }
 }
 
 /// One published endpoint set: what a clone picks from and calls.
@@ -29,6 +45,8 @@ pub(crate) struct Snapshot<S, P> {
     /// mutex so that services need only be `Send`; it is locked only when a clone resyncs.
     pub(crate) services: Mutex<Box<[S]>>,
     pub(crate) picker: P,
+    /// False in panic mode, when ejected endpoints are picked too.
+    pub(crate) honor_ejection: bool,
 }
 
 /// Messages from the request path (and handles) to the discovery task.
@@ -50,6 +68,29 @@ pub(crate) struct Member<K, S> {
     /// The first table version whose snapshot carries `service`: a readiness failure seen in
     /// an older snapshot came from a service that has since been replaced.
     pub(crate) since: u64,
+    /// Times ejected since the count last started over.
+    pub(crate) ejections: u32,
+    /// When the current ejection ends.
+    pub(crate) ejected_until: Option<tokio::time::Instant>,
+    /// When it last came back from an ejection.
+    pub(crate) returned_at: Option<tokio::time::Instant>,
+    /// When its slow start began, while it lasts.
+    pub(crate) ramp_from: Option<tokio::time::Instant>,
+}
+
+impl<K, S> Member<K, S> {
+    pub(crate) fn new(key: K, handle: EndpointHandle, service: S, since: u64) -> Self {
+        Self {
+            key,
+            handle,
+            service,
+            since,
+            ejections: 0,
+            ejected_until: None,
+            returned_at: None,
+            ramp_from: None,
+        }
+    }
 }
 
 /// Membership, owned by the discovery task and read for stats.
@@ -100,15 +141,25 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
         let active = self.members.iter().map(|m| {
             let status = if m.handle.is_broken() {
                 EndpointStatus::Broken
+            } else if m.handle.is_draining() {
+                EndpointStatus::Draining
+            } else if m.handle.is_ejected() {
+                EndpointStatus::Ejected
+            } else if m.ramp_from.is_some() {
+                EndpointStatus::SlowStart
             } else {
                 EndpointStatus::Active
             };
-            endpoint_stats(&m.key, &m.handle, status)
+            endpoint_stats(&m.key, &m.handle, status, m.ejections)
         });
-        let retired = self
-            .retired
-            .iter()
-            .map(|(key, handle)| endpoint_stats(key, handle, EndpointStatus::Removed));
+        let retired = self.retired.iter().map(|(key, handle)| {
+            let status = if handle.is_draining() {
+                EndpointStatus::Draining
+            } else {
+                EndpointStatus::Removed
+            };
+            endpoint_stats(key, handle, status, 0)
+        });
         active.chain(retired).collect()
     }
 }
@@ -117,13 +168,17 @@ fn endpoint_stats<K: Clone>(
     key: &K,
     handle: &EndpointHandle,
     status: EndpointStatus,
+    ejections: u32,
 ) -> EndpointStats<K> {
     EndpointStats {
         key: key.clone(),
         in_flight: handle.in_flight(),
         picks: handle.picks(),
         failures: handle.failures(),
-        weight: handle.weight(),
+        consecutive_failures: handle.consecutive_failures(),
+        weight: handle.configured_weight(),
+        effective_weight: handle.weight(),
+        ejections,
         status,
     }
 }
@@ -153,6 +208,8 @@ pub(crate) struct Shared<K, S, P, Kx> {
     pub(crate) spawned: AtomicBool,
     pub(crate) discovery_errors: AtomicU64,
     pub(crate) discovery_ended: AtomicBool,
+    /// Whether the last table was built in panic mode.
+    pub(crate) panicking: AtomicBool,
 }
 
 impl<K, S, P, Kx> Shared<K, S, P, Kx> {
@@ -187,6 +244,7 @@ impl<K, S, P, Kx> Shared<K, S, P, Kx> {
         let endpoints = registry.stats();
         Stats {
             endpoints,
+            panic_mode: self.panicking.load(Ordering::Relaxed),
             removed_picks: registry.forgotten.0,
             removed_failures: registry.forgotten.1,
             discovery_errors: self.discovery_errors.load(Ordering::Relaxed),

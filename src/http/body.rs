@@ -10,11 +10,10 @@ use crate::completion::TrackCompletion;
 use crate::endpoint::InFlightGuard;
 
 /// Until when a response body keeps its request in flight.
-///
-/// (To end at the response head, use the default,
-/// [`CompleteOnResponse`](crate::CompleteOnResponse).)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyCompletion {
+    /// Until the response head arrives (the body is not tracked).
+    Head,
     /// Until the first data frame arrives (time to first byte).
     FirstData,
     /// Until the body ends: its last frame, an error, or the body being dropped.
@@ -35,9 +34,13 @@ pub enum BodyCompletion {
 /// let layer = BalanceLayer::new(RoundRobin::new()).track_completion(TrackBody::end_of_stream());
 /// # let _ = layer;
 /// ```
+///
+/// It also classifies responses for outlier detection and error-aware strategies: by default
+/// a 5xx status counts as a failure of the endpoint (see [`TrackBody::failure_when`]).
 #[derive(Clone, Copy, Debug)]
 pub struct TrackBody {
     until: BodyCompletion,
+    is_failure: fn(http::StatusCode) -> bool,
 }
 
 impl TrackBody {
@@ -51,9 +54,23 @@ impl TrackBody {
         Self::until(BodyCompletion::FirstData)
     }
 
+    /// In flight until the response head: no body tracking, only the 5xx classification.
+    pub fn head() -> Self {
+        Self::until(BodyCompletion::Head)
+    }
+
     /// In flight until `until`.
     pub fn until(until: BodyCompletion) -> Self {
-        Self { until }
+        Self {
+            until,
+            is_failure: |status| status.is_server_error(),
+        }
+    }
+
+    /// Which statuses count as a failure of the endpoint (default: 5xx).
+    pub fn failure_when(mut self, is_failure: fn(http::StatusCode) -> bool) -> Self {
+        self.is_failure = is_failure;
+        self
     }
 }
 
@@ -63,10 +80,15 @@ where
 {
     type Output = http::Response<TrackedBody<B>>;
 
+    fn is_failure(&self, response: &http::Response<B>) -> bool {
+        (self.is_failure)(response.status())
+    }
+
     fn track(&self, guard: InFlightGuard, response: http::Response<B>) -> Self::Output {
         let until = self.until;
         response.map(|inner| {
-            let guard = (!inner.is_end_stream()).then_some(guard);
+            let tracked = until != BodyCompletion::Head && !inner.is_end_stream();
+            let guard = tracked.then_some(guard);
             TrackedBody {
                 inner,
                 guard,

@@ -410,7 +410,7 @@ pub(crate) mod test_util {
     pub(crate) fn named_endpoints(endpoints: &[(&str, u32)]) -> Vec<EndpointHandle> {
         endpoints
             .iter()
-            .map(|&(name, w)| EndpointHandle::with_identity(w, Box::from(name)))
+            .map(|&(name, w)| EndpointHandle::with_identity(w, Box::from(name), None))
             .collect()
     }
 

@@ -1,0 +1,46 @@
+//! Passive health: outlier ejection, the panic threshold, slow start and drain.
+//!
+//! Active health checking (probes) is a discovery adapter, in
+//! [`discover`](crate::discover); what lives here is what the balancer itself learns from
+//! traffic and what it does about it.
+//!
+//! - [`OutlierDetection`]: an endpoint whose responses fail `consecutive_failures` times in a
+//!   row is ejected — taken out of picks — for `base_ejection_time` × the number of times it
+//!   has been ejected, up to `max_ejection_time`; it returns on its own. At most
+//!   `max_ejected_percent` of the endpoints (but always at least one) are ejected at once. An
+//!   endpoint that stays healthy for `max_ejection_time` after returning starts again from one
+//!   ejection. Failures are errors from the endpoint, plus responses the balancer's
+//!   [`TrackCompletion`](crate::TrackCompletion) classifies as failures (with the `http`
+//!   feature, 5xx by default).
+//! - **Panic threshold** ([`BalanceLayer::panic_threshold`](crate::BalanceLayer::panic_threshold)):
+//!   when fewer than this share of the endpoints are available (not ejected), the balancer
+//!   balances over all of them, ejected ones included, rather than overload the survivors
+//!   (Envoy's behaviour; default 50%).
+//! - [`SlowStart`]: a new endpoint, or one back from ejection, gets a share of traffic that
+//!   ramps up over a window.
+//! - **Drain** ([`BalanceHandle::drain`](crate::BalanceHandle::drain)): no new requests; the
+//!   returned future resolves when the endpoint's in-flight requests have finished, and the
+//!   endpoint is removed.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_lb::health::{OutlierDetection, SlowStart};
+//! use tower_lb::{BalanceLayer, RoundRobin};
+//!
+//! let layer = BalanceLayer::new(RoundRobin::new())
+//!     .outlier_detection(
+//!         OutlierDetection::new()
+//!             .consecutive_failures(5)?
+//!             .base_ejection_time(Duration::from_secs(30))?,
+//!     )
+//!     .panic_threshold(0.5)?
+//!     .slow_start(SlowStart::new(Duration::from_secs(60))?);
+//! # let _ = layer;
+//! # Ok::<(), tower_lb::ConfigError>(())
+//! ```
+
+mod outlier;
+pub(crate) mod slow_start;
+
+pub use outlier::OutlierDetection;
+pub use slow_start::SlowStart;

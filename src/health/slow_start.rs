@@ -1,0 +1,98 @@
+//! Slow start settings.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Ramps up the share of a new or recovered endpoint over a window; see
+/// [`health`](crate::health).
+///
+/// During the window the endpoint's effective weight is
+/// `weight × max(min_weight_percent, (elapsed / window) ^ (1 / aggression))`, as in Envoy:
+/// aggression 1 (the default) ramps linearly, larger values ramp faster at first. The ramp is
+/// applied in 10 steps per window (each step rebuilds the picker off the request path), and
+/// only affects weight-aware strategies. Endpoints present when the balancer starts do not
+/// slow-start.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlowStart {
+    pub(crate) window: Duration,
+    pub(crate) aggression: f64,
+    pub(crate) min_weight_percent: u8,
+}
+
+/// Steps per window.
+pub(crate) const STEPS: u32 = 10;
+/// Effective weights are scaled by this while any endpoint ramps, so that weight-1 endpoints
+/// can ramp too.
+pub(crate) const SCALE: u32 = 100;
+
+impl SlowStart {
+    /// A linear ramp over `window`, starting at 10% of the weight.
+    pub fn new(window: Duration) -> Result<Self, ConfigError> {
+        if window.is_zero() {
+            return Err(ConfigError::new("slow start window", "must not be zero"));
+        }
+        Ok(Self {
+            window,
+            aggression: 1.0,
+            min_weight_percent: 10,
+        })
+    }
+
+    /// The ramp's shape: 1 is linear, larger ramps faster at first; must be positive.
+    pub fn aggression(mut self, aggression: f64) -> Result<Self, ConfigError> {
+        if !(aggression.is_finite() && aggression > 0.0) {
+            return Err(ConfigError::new(
+                "slow start aggression",
+                format!("{aggression} is not a positive number"),
+            ));
+        }
+        self.aggression = aggression;
+        Ok(self)
+    }
+
+    /// The share of its weight a ramping endpoint starts at, in percent (1–100).
+    pub fn min_weight_percent(mut self, percent: u8) -> Result<Self, ConfigError> {
+        if percent == 0 || percent > 100 {
+            return Err(ConfigError::new(
+                "slow start min_weight_percent",
+                format!("{percent} is not between 1 and 100"),
+            ));
+        }
+        self.min_weight_percent = percent;
+        Ok(self)
+    }
+
+    /// The weight factor, in 1/[`SCALE`]ths, `elapsed` into the window.
+    pub(crate) fn factor(&self, elapsed: Duration) -> u32 {
+        let time = (elapsed.as_secs_f64() / self.window.as_secs_f64()).clamp(0.0, 1.0);
+        let ramp = time.powf(1.0 / self.aggression);
+        let floor = f64::from(self.min_weight_percent) / 100.0;
+        (ramp.max(floor) * f64::from(SCALE)).round() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ramp_is_linear_from_the_floor_by_default() {
+        let slow = SlowStart::new(Duration::from_secs(100)).unwrap();
+        assert_eq!(slow.factor(Duration::ZERO), 10);
+        assert_eq!(slow.factor(Duration::from_secs(50)), 50);
+        assert_eq!(slow.factor(Duration::from_secs(100)), 100);
+        assert_eq!(slow.factor(Duration::from_secs(500)), 100);
+        let aggressive = slow.aggression(2.0).unwrap();
+        assert_eq!(aggressive.factor(Duration::from_secs(25)), 50);
+    }
+
+    #[test]
+    fn invalid_settings_are_rejected() {
+        assert!(SlowStart::new(Duration::ZERO).is_err());
+        let slow = SlowStart::new(Duration::from_secs(1)).unwrap();
+        assert!(slow.aggression(0.0).is_err());
+        assert!(slow.aggression(f64::NAN).is_err());
+        assert!(slow.min_weight_percent(0).is_err());
+    }
+}
