@@ -95,6 +95,7 @@ pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
+pub use strategy::PowerOfTwoChoices;
 pub use strategy::{RoundRobin, Swappable};
 pub use weight::{Weight, Weighted};
 
