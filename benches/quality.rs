@@ -45,8 +45,8 @@ fn contenders() -> Vec<(&'static str, MakeBalancer)> {
         // ("weighted-rr", ours(tower_lb::strategy::WeightedRoundRobin::new())),
         // ("least-conn", ours(tower_lb::strategy::LeastConnections::new())),
         // ("least-conn-weighted", ours(tower_lb::strategy::LeastConnections::weighted())),
-        // ("p2c", ours(tower_lb::strategy::PowerOfTwoChoices::new())),
-        // ("p2c-peak-ewma", ours(tower_lb::strategy::PowerOfTwoChoices::peak_ewma())),
+        ("p2c", ours(tower_lb::strategy::PowerOfTwoChoices::new())),
+        ("p2c-peak-ewma", ours(tower_lb::strategy::PowerOfTwoChoices::peak_ewma())),
         // ("random", ours(tower_lb::strategy::Random::new())),
         // ("random-weighted", ours(tower_lb::strategy::Random::weighted())),
         // ---- tower's own balancer, for reference (no weights). ----
