@@ -88,6 +88,7 @@ pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
+pub use strategy::{Random, WeightedRoundRobin};
 pub use strategy::{RoundRobin, Swappable};
 pub use weight::{Weight, Weighted};
 
