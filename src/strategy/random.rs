@@ -15,7 +15,7 @@ use super::{Endpoints, PickContext, Picker, Strategy};
 ///
 /// An endpoint that is not ready when drawn is skipped for another draw.
 ///
-/// Pick cost: O(1): one random number (uniform), or two and one table read (weighted).
+/// Pick cost: O(1): one random number, plus one table read when weighted.
 ///
 /// ```
 /// use tower_lb::{BalanceLayer, Random};
@@ -100,10 +100,12 @@ impl AliasTable {
 
     #[inline]
     fn pick(&self, cx: &mut PickContext<'_>) -> usize {
-        let column = cx.random_below(self.columns.len());
+        // One random number serves twice: its multiply-shift by `n` picks the column, and the
+        // low half of that product (uniform but for a bias below n/2^64) the coin.
+        let spread = u128::from(cx.random()) * self.columns.len() as u128;
+        let column = (spread >> 64) as usize;
         let Column { keep, alias } = self.columns[column];
-        // A uniform number below `total` by multiply-shift (exact enough: bias < total/2^64).
-        let coin = ((u128::from(cx.random()) * u128::from(self.total)) >> 64) as u64;
+        let coin = ((u128::from(spread as u64) * u128::from(self.total)) >> 64) as u64;
         if coin < keep {
             column
         } else {

@@ -1,7 +1,7 @@
 //! Weighted round-robin: smooth interleaving with exact shares per cycle.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::binary_heap::{BinaryHeap, PeekMut};
 use std::fmt;
 use std::sync::Arc;
 
@@ -153,6 +153,9 @@ struct Cycle {
     shares: Box<[u32]>,
     /// Picks per cycle in all: the sum of `shares`.
     len: u64,
+    /// `L / share` and `L % share` of each endpoint: the spacing of its picks, kept apart so
+    /// that scheduling adds instead of dividing.
+    spacing: Box<[(u64, u32)]>,
 }
 
 impl Cycle {
@@ -161,8 +164,16 @@ impl Cycle {
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight().max(1)).collect();
         let divisor = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
         let shares: Box<[u32]> = weights.iter().map(|&w| w / divisor).collect();
-        let len = shares.iter().map(|&s| u64::from(s)).sum();
-        Self { shares, len }
+        let len: u64 = shares.iter().map(|&s| u64::from(s)).sum();
+        let spacing = shares
+            .iter()
+            .map(|&s| (len / u64::from(s), (len % u64::from(s)) as u32))
+            .collect();
+        Self {
+            shares,
+            len,
+            spacing,
+        }
     }
 }
 
@@ -188,7 +199,7 @@ impl Strategy for WeightedRoundRobin {
         }
         let len = cycle.len as usize;
         let narrow = endpoints.len() <= usize::from(u16::MAX) + 1;
-        let mut scheduler = Scheduler::new(cycle);
+        let mut scheduler = Scheduler::precomputing(cycle);
         let mut next = move || {
             scheduler
                 .next()
@@ -265,12 +276,81 @@ struct Scheduler {
     cycle: Arc<Cycle>,
     /// The next slot of the current cycle, below `cycle.len`.
     slot: u64,
-    /// Picks of each endpoint so far in the current cycle.
-    done: Box<[u32]>,
+    /// Where each endpoint stands in the current cycle.
+    progress: Box<[Progress]>,
     /// Endpoints whose next pick is eligible, earliest due first.
     eligible: BinaryHeap<Due>,
-    /// Endpoints whose next pick becomes eligible at a later slot, soonest first.
-    waiting: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Endpoints whose next pick becomes eligible at a later slot.
+    waiting: Waiting,
+}
+
+/// Endpoints waiting for their next pick to become eligible, by slot.
+enum Waiting {
+    /// A heap, soonest first: O(log n) a pick in O(n) memory, for per-clone scheduling of
+    /// cycles too long to hold anything per slot.
+    Heap(BinaryHeap<Reverse<(u64, u32)>>),
+    /// A list per slot: O(1) a pick, for precomputing a cycle short enough to hold a list
+    /// head per slot (4 bytes each, while building).
+    Calendar {
+        /// The first endpoint waiting for each slot, or [`Waiting::NONE`].
+        first: Box<[u32]>,
+        /// The next endpoint waiting for the same slot, or [`Waiting::NONE`].
+        then: Box<[u32]>,
+    },
+}
+
+impl Waiting {
+    const NONE: u32 = u32::MAX;
+
+    fn clear(&mut self) {
+        match self {
+            Waiting::Heap(heap) => heap.clear(),
+            Waiting::Calendar { first, .. } => first.fill(Self::NONE),
+        }
+    }
+
+    /// Endpoint `index` waits for slot `at` (below the cycle length).
+    fn push(&mut self, at: u64, index: u32) {
+        match self {
+            Waiting::Heap(heap) => heap.push(Reverse((at, index))),
+            Waiting::Calendar { first, then } => {
+                then[index as usize] = first[at as usize];
+                first[at as usize] = index;
+            }
+        }
+    }
+
+    /// Hands every endpoint waiting for `slot` or earlier to `release`.
+    fn release(&mut self, slot: u64, mut release: impl FnMut(u32)) {
+        match self {
+            Waiting::Heap(heap) => {
+                while let Some(&Reverse((at, index))) = heap.peek() {
+                    if at > slot {
+                        break;
+                    }
+                    heap.pop();
+                    release(index);
+                }
+            }
+            Waiting::Calendar { first, then } => {
+                // Slots are visited in order, so earlier slots were emptied already.
+                let mut index = std::mem::replace(&mut first[slot as usize], Self::NONE);
+                while index != Self::NONE {
+                    release(index);
+                    index = then[index as usize];
+                }
+            }
+        }
+    }
+}
+
+/// One endpoint's picks so far in the cycle, `done`, and `done·L / share` as a whole part
+/// and a remainder: its next pick is eligible from slot `⌈done·L/share⌉`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Progress {
+    done: u32,
+    remainder: u32,
+    whole: u64,
 }
 
 /// An endpoint's next pick, `pick`-th of the cycle (from 1), due at `pick / share` of the
@@ -307,13 +387,33 @@ impl PartialEq for Due {
 impl Eq for Due {}
 
 impl Scheduler {
-    /// A scheduler at the start of the cycle.
-    fn new(cycle: Arc<Cycle>) -> Self {
+    /// A scheduler at the start of the cycle, for precomputing it: needs 4 bytes a slot.
+    fn precomputing(cycle: Arc<Cycle>) -> Self {
+        let waiting = Waiting::Calendar {
+            first: vec![Waiting::NONE; cycle.len as usize].into_boxed_slice(),
+            then: vec![Waiting::NONE; cycle.shares.len()].into_boxed_slice(),
+        };
+        Self::new(cycle, waiting)
+    }
+
+    /// A scheduler `seed % min(L, max(n, START_SPREAD))` picks into the cycle, for one clone:
+    /// needs O(n) memory whatever the cycle length.
+    fn starting_at(cycle: Arc<Cycle>, seed: u64) -> Self {
+        let n = cycle.shares.len();
+        let spread = (n as u64).max(START_SPREAD).min(cycle.len);
+        let mut scheduler = Self::new(cycle, Waiting::Heap(BinaryHeap::with_capacity(n)));
+        for _ in 0..seed % spread.max(1) {
+            scheduler.next();
+        }
+        scheduler
+    }
+
+    fn new(cycle: Arc<Cycle>, waiting: Waiting) -> Self {
         let n = cycle.shares.len();
         let mut scheduler = Self {
-            done: vec![0; n].into_boxed_slice(),
+            progress: vec![Progress::default(); n].into_boxed_slice(),
             eligible: BinaryHeap::with_capacity(n),
-            waiting: BinaryHeap::with_capacity(n),
+            waiting,
             slot: 0,
             cycle,
         };
@@ -321,20 +421,10 @@ impl Scheduler {
         scheduler
     }
 
-    /// A scheduler `seed % min(L, max(n, START_SPREAD))` picks into the cycle.
-    fn starting_at(cycle: Arc<Cycle>, seed: u64) -> Self {
-        let spread = (cycle.shares.len() as u64).max(START_SPREAD).min(cycle.len);
-        let mut scheduler = Self::new(cycle);
-        for _ in 0..seed % spread.max(1) {
-            scheduler.next();
-        }
-        scheduler
-    }
-
     /// Back to slot 0: every endpoint's first pick is eligible.
     fn restart(&mut self) {
         self.slot = 0;
-        self.done.fill(0);
+        self.progress.fill(Progress::default());
         self.waiting.clear();
         self.eligible.clear();
         let shares = &self.cycle.shares;
@@ -352,36 +442,40 @@ impl Scheduler {
         if self.slot == self.cycle.len {
             self.restart();
         }
-        while let Some(&Reverse((at, index))) = self.waiting.peek() {
-            if at > self.slot {
-                break;
-            }
-            self.waiting.pop();
-            self.eligible.push(self.due(index));
+        let (eligible, progress, shares) = (&mut self.eligible, &self.progress, &self.cycle.shares);
+        self.waiting.release(self.slot, |index| {
+            eligible.push(Due {
+                pick: progress[index as usize].done + 1,
+                share: shares[index as usize],
+                index,
+            });
+        });
+        let mut first = self.eligible.peek_mut()?;
+        let Due { index, share, .. } = *first;
+        let progress = &mut self.progress[index as usize];
+        progress.done += 1;
+        let (whole, remainder) = self.cycle.spacing[index as usize];
+        progress.whole += whole;
+        progress.remainder += remainder;
+        if progress.remainder >= share {
+            progress.remainder -= share;
+            progress.whole += 1;
         }
-        let Due { index, share, .. } = self.eligible.pop()?;
-        let done = &mut self.done[index as usize];
-        *done += 1;
-        if *done < share {
+        if progress.done < share {
             // The next pick is eligible from slot ⌈done·L/share⌉: never ahead of its share.
-            let at =
-                (u128::from(*done) * u128::from(self.cycle.len)).div_ceil(u128::from(share)) as u64;
+            let at = progress.whole + u64::from(progress.remainder > 0);
             if at <= self.slot + 1 {
-                self.eligible.push(self.due(index));
+                // Eligible again by the next slot: re-key in place (one sift, not two).
+                first.pick = progress.done + 1;
             } else {
-                self.waiting.push(Reverse((at, index)));
+                PeekMut::pop(first);
+                self.waiting.push(at, index);
             }
+        } else {
+            PeekMut::pop(first);
         }
         self.slot += 1;
         Some(index as usize)
-    }
-
-    fn due(&self, index: u32) -> Due {
-        Due {
-            pick: self.done[index as usize] + 1,
-            share: self.cycle.shares[index as usize],
-            index,
-        }
     }
 }
 
@@ -403,7 +497,7 @@ mod tests {
         let handles = endpoints(weights);
         let cycle = Arc::new(Cycle::new(&Endpoints::new(&handles)));
         let len = cycle.len;
-        let mut scheduler = Scheduler::new(cycle);
+        let mut scheduler = Scheduler::precomputing(cycle);
         (0..len).map(|_| scheduler.next().unwrap()).collect()
     }
 
