@@ -47,12 +47,13 @@ const START_SPREAD: u64 = 4096;
 /// that start together do not all begin with the heaviest endpoint), and touches no shared
 /// counter, lock or allocator per pick.
 ///
-/// - Cycles of up to 2^20 picks are precomputed when the picker is built, in O(L log n), into
-///   one table of endpoint indices shared by all clones (2 bytes an entry up to 65,536
-///   endpoints, 4 above: at most 2 MiB or 4 MiB). A pick reads the next entry: O(1).
+/// - Cycles of up to 2^20 picks are precomputed when the picker is built, in O(L log n) time
+///   (tens of milliseconds at the cap with thousands of endpoints) and 4 bytes a slot while
+///   building, into one table of endpoint indices shared by all clones (2 bytes an entry up
+///   to 65,536 endpoints, 4 above: at most 2 MiB or 4 MiB). A pick reads the next entry: O(1).
 /// - Longer cycles (say 4,096 endpoints with unrelated weights up to 10,000, `L` ≈ 2·10^7) are
 ///   never stored; building is O(n). Each clone instead runs the same scheduler itself in
-///   clone-private state made on its first pick from a new table (O(n) memory, about 32 bytes
+///   clone-private state made on its first pick from a new table (O(n) memory, under 48 bytes
 ///   an endpoint, and up to `max(n, 4,096)` scheduling steps to reach a random start). A pick
 ///   then costs O(log n). Order, shares and the guarantees above are the same.
 ///
@@ -203,7 +204,7 @@ impl Strategy for WeightedRoundRobin {
         let mut next = move || {
             scheduler
                 .next()
-                .expect("some pick is always eligible: the slots so far are all taken")
+                .expect("some endpoint is eligible at every slot (see `Scheduler::next`)")
         };
         let schedule = if narrow {
             Schedule::Narrow((0..len).map(|_| next() as u16).collect())
@@ -436,8 +437,11 @@ impl Scheduler {
             }));
     }
 
-    /// The endpoint for the next slot; `None` only if the invariant that some pick is
-    /// eligible at every slot were broken.
+    /// The endpoint for the next slot.
+    ///
+    /// Some endpoint is always eligible: at slot `s` the picks so far number `s`, so if every
+    /// endpoint had `done·L > s·share`, summing would give `s·L > s·L`. `None` would mean that
+    /// invariant broke.
     fn next(&mut self) -> Option<usize> {
         if self.slot == self.cycle.len {
             self.restart();
