@@ -106,11 +106,9 @@ impl AliasTable {
         let column = (spread >> 64) as usize;
         let Column { keep, alias } = self.columns[column];
         let coin = ((u128::from(spread as u64) * u128::from(self.total)) >> 64) as u64;
-        if coin < keep {
-            column
-        } else {
-            alias as usize
-        }
+        // Branch-free select: the coin is random, so a branch would mispredict half the time.
+        let use_alias = usize::from(coin >= keep).wrapping_neg();
+        column ^ ((column ^ alias as usize) & use_alias)
     }
 }
 

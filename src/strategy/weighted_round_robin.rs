@@ -8,11 +8,15 @@ use std::sync::Arc;
 use super::{Endpoints, PickContext, Picker, Strategy};
 
 /// The longest cycle that is precomputed and shared by all clones; longer cycles are
-/// scheduled by each clone (see [`WeightedRoundRobin`]).
-const MAX_SCHEDULE_LEN: u64 = 1 << 20;
+/// scheduled by each clone (see [`WeightedRoundRobin`]). The cap bounds the build, which runs
+/// on the discovery task at every membership or weight change: O(L log n), some tens of
+/// milliseconds at 2^18 slots with thousands of endpoints.
+const MAX_SCHEDULE_LEN: u64 = 1 << 18;
 
-/// A per-clone scheduler starts up to this many picks (or `n`, if larger) into its cycle.
-const START_SPREAD: u64 = 4096;
+/// A per-clone scheduler starts up to this many picks into its cycle. Reaching the start is
+/// paid by the clone's first request after a table change, so it stays small; it is enough
+/// to spread clones that start together over as many different first endpoints.
+const START_SPREAD: u64 = 1024;
 
 /// Sends each endpoint a share of requests proportional to its weight, interleaved smoothly.
 ///
@@ -47,14 +51,16 @@ const START_SPREAD: u64 = 4096;
 /// that start together do not all begin with the heaviest endpoint), and touches no shared
 /// counter, lock or allocator per pick.
 ///
-/// - Cycles of up to 2^20 picks are precomputed when the picker is built, in O(L log n) time
-///   (tens of milliseconds at the cap with thousands of endpoints) and 4 bytes a slot while
-///   building, into one table of endpoint indices shared by all clones (2 bytes an entry up
-///   to 65,536 endpoints, 4 above: at most 2 MiB or 4 MiB). A pick reads the next entry: O(1).
+/// - Cycles of up to 2^18 (262,144) picks are precomputed when the picker is built, in
+///   O(L log n) time (tens of milliseconds at the cap with thousands of endpoints) and 4 bytes
+///   a slot while building, into one table of endpoint indices shared by all clones (2 bytes
+///   an entry up to 65,536 endpoints, 4 above: at most 512 KiB or 1 MiB). A pick reads the
+///   next entry: O(1). Thousands of endpoints with weights up to about 100, or hundreds with
+///   weights up to about 1,000, stay under the cap.
 /// - Longer cycles (say 4,096 endpoints with unrelated weights up to 10,000, `L` ≈ 2·10^7) are
 ///   never stored; building is O(n). Each clone instead runs the same scheduler itself in
-///   clone-private state made on its first pick from a new table (O(n) memory, under 48 bytes
-///   an endpoint, and up to `max(n, 4,096)` scheduling steps to reach a random start). A pick
+///   clone-private state made on its first pick from a new table (O(n) time and memory, under
+///   48 bytes an endpoint, plus up to 1,024 scheduling steps to reach a random start). A pick
 ///   then costs O(log n). Order, shares and the guarantees above are the same.
 ///
 /// An endpoint that is not ready when its turn comes is skipped for the next one in the
@@ -397,11 +403,11 @@ impl Scheduler {
         Self::new(cycle, waiting)
     }
 
-    /// A scheduler `seed % min(L, max(n, START_SPREAD))` picks into the cycle, for one clone:
-    /// needs O(n) memory whatever the cycle length.
+    /// A scheduler `seed % min(L, START_SPREAD)` picks into the cycle, for one clone: needs
+    /// O(n) memory whatever the cycle length.
     fn starting_at(cycle: Arc<Cycle>, seed: u64) -> Self {
         let n = cycle.shares.len();
-        let spread = (n as u64).max(START_SPREAD).min(cycle.len);
+        let spread = START_SPREAD.min(cycle.len);
         let mut scheduler = Self::new(cycle, Waiting::Heap(BinaryHeap::with_capacity(n)));
         for _ in 0..seed % spread.max(1) {
             scheduler.next();
@@ -655,7 +661,7 @@ mod tests {
     #[test]
     fn a_cycle_near_the_cap_is_precomputed() {
         let mut rng = crate::rng::FastRng::seeded(5);
-        let weights: Vec<u32> = (0..4096).map(|_| 1 + rng.below(450) as u32).collect();
+        let weights: Vec<u32> = (0..4096).map(|_| 1 + rng.below(120) as u32).collect();
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
         assert!(total <= MAX_SCHEDULE_LEN && gcd_all(&weights) == 1);
         let picker = build(&weights);
