@@ -88,6 +88,7 @@ pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
+pub use strategy::{ConsistentHash, KeyFallback};
 pub use strategy::{RoundRobin, Swappable};
 pub use weight::{Weight, Weighted};
 

@@ -48,6 +48,7 @@
 //! }
 //! ```
 
+mod consistent_hash;
 mod round_robin;
 mod swap;
 
@@ -56,6 +57,7 @@ use std::fmt;
 use crate::endpoint::{EndpointHandle, EndpointState};
 use crate::rng::FastRng;
 
+pub use consistent_hash::{ConsistentHash, ConsistentHashPicker, KeyFallback};
 pub use round_robin::{RoundRobin, RoundRobinPicker};
 pub use swap::{SwapHandle, Swappable};
 
