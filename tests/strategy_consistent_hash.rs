@@ -332,7 +332,7 @@ async fn a_request_without_a_key_gets_the_configured_fallback() {
             .call(String::new())
             .await
             .unwrap_err();
-        assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
+        assert_eq!(error.downcast_ref::<Error>(), Some(&Error::MissingKey));
         assert_eq!(balance.stats().picks(), 0);
 
         // Round-robin: each endpoint in turn.

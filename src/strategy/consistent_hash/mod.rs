@@ -59,7 +59,7 @@ const MAX_POINTS_PER_WEIGHT: u32 = 10_000;
 /// # Requests without a key
 ///
 /// A request whose key function returns `None` gets the configured [`KeyFallback`]: by
-/// default it fails with [`Error::NoEndpoints`](crate::Error::NoEndpoints) (nothing was
+/// default it fails with [`Error::MissingKey`](crate::Error::MissingKey) (nothing was
 /// chosen); [`KeyFallback::Random`] and [`KeyFallback::RoundRobin`] send it somewhere.
 ///
 /// # Bounded loads
@@ -114,7 +114,7 @@ enum TableKind {
 #[non_exhaustive]
 pub enum KeyFallback {
     /// Choose nothing: the request fails with
-    /// [`Error::NoEndpoints`](crate::Error::NoEndpoints). The default, so that a missing key
+    /// [`Error::MissingKey`](crate::Error::MissingKey). The default, so that a missing key
     /// (often a bug in the key function) is seen rather than silently spread.
     #[default]
     Error,
