@@ -784,3 +784,111 @@ mod http_probe {
         assert!(probe.expect_statuses([0..=99]).is_err());
     }
 }
+
+mod counting {
+    //! The yielded changes follow rise/fall counting exactly, for any run of probe results.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    /// The changes a reference model of the counting rules expects: `(second, +|-)`, where
+    /// probe `i` runs at second `i` (jitter 0) and the initial insert comes at second 0.
+    fn model(initial: InitialHealth, rise: u32, fall: u32, results: &[bool]) -> Vec<(usize, char)> {
+        let mut healthy = matches!(
+            initial,
+            InitialHealth::Healthy | InitialHealth::FullyHealthy
+        );
+        let mut first_decides =
+            matches!(initial, InitialHealth::Healthy | InitialHealth::Unhealthy);
+        let mut changes = Vec::new();
+        if healthy {
+            changes.push((0, '+'));
+        }
+        let (mut successes, mut failures) = (0, 0);
+        for (i, &ok) in results.iter().enumerate() {
+            let (rise, fall) = if first_decides { (1, 1) } else { (rise, fall) };
+            first_decides = false;
+            if ok {
+                successes += 1;
+                failures = 0;
+                if !healthy && successes >= rise {
+                    healthy = true;
+                    changes.push((i, '+'));
+                }
+            } else {
+                failures += 1;
+                successes = 0;
+                if healthy && failures >= fall {
+                    healthy = false;
+                    changes.push((i, '-'));
+                }
+            }
+        }
+        changes
+    }
+
+    async fn run(
+        initial: InitialHealth,
+        rise: u32,
+        fall: u32,
+        results: Vec<bool>,
+    ) -> Vec<(usize, char)> {
+        let queue = Arc::new(Mutex::new(results.iter().copied().collect::<VecDeque<_>>()));
+        let probe = probe_fn(move |_: &Key, _: &Echo| {
+            let ok = queue.lock().unwrap().pop_front().unwrap_or(true);
+            async move { ok }
+        });
+        let mut check = config()
+            .initial_health(initial)
+            .rise(rise)
+            .unwrap()
+            .fall(fall)
+            .unwrap()
+            .interval(Duration::from_secs(1))
+            .unwrap()
+            .jitter(0.0)
+            .unwrap()
+            .build(discover::fixed([("a", Echo(0))]), probe);
+        // Probe i runs at i seconds; stop before the probe after the last result.
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(results.len() as u64 * 1000 - 500);
+        let mut changes = Vec::new();
+        while let Ok(Some(change)) = tokio::time::timeout_at(deadline, next(&mut check)).await {
+            changes.push((
+                start.elapsed().as_secs_f64() as usize,
+                seen(change.unwrap()).0,
+            ));
+        }
+        changes
+    }
+
+    fn initial() -> impl Strategy<Value = InitialHealth> {
+        prop_oneof![
+            Just(InitialHealth::Healthy),
+            Just(InitialHealth::FullyHealthy),
+            Just(InitialHealth::Unhealthy),
+            Just(InitialHealth::FullyUnhealthy),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn changes_match_the_counting_rules(
+            initial in initial(),
+            rise in 1u32..4,
+            fall in 1u32..4,
+            results in proptest::collection::vec(any::<bool>(), 1..24),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let changes = runtime.block_on(run(initial, rise, fall, results.clone()));
+            prop_assert_eq!(changes, model(initial, rise, fall, &results));
+        }
+    }
+}
