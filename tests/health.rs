@@ -31,13 +31,13 @@ fn seen<S>(change: Change<Key, S>) -> (char, Key) {
 /// What a user probe answers per endpoint (healthy unless set), and how it was called.
 #[derive(Clone, Default)]
 struct Verdicts {
-    unhealthy: Arc<Mutex<HashMap<Key, bool>>>,
+    healthy: Arc<Mutex<HashMap<Key, bool>>>,
     calls: Arc<AtomicUsize>,
 }
 
 impl Verdicts {
     fn set(&self, key: Key, healthy: bool) {
-        self.unhealthy.lock().unwrap().insert(key, !healthy);
+        self.healthy.lock().unwrap().insert(key, healthy);
     }
 
     fn calls(&self) -> usize {
@@ -51,13 +51,8 @@ impl Verdicts {
         let verdicts = self.clone();
         probe_fn(move |key: &Key, _: &S| {
             verdicts.calls.fetch_add(1, Ordering::SeqCst);
-            let healthy = !verdicts
-                .unhealthy
-                .lock()
-                .unwrap()
-                .get(key)
-                .copied()
-                .unwrap_or(false);
+            let healthy = verdicts.healthy.lock().unwrap().get(key).copied();
+            let healthy = healthy.unwrap_or(true);
             async move { healthy }
         })
     }
@@ -275,10 +270,7 @@ async fn no_more_probes_run_at_once_than_the_limit() {
         .unwrap()
         .build(discover::fixed(endpoints), probe);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::time::timeout_at(deadline, check.next())
-        .await
-        .is_ok()
-    {}
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, check.next()).await {}
     assert_eq!(
         most.load(Ordering::SeqCst),
         3,
@@ -321,14 +313,16 @@ async fn dropping_the_stream_stops_probing_and_cancels_probes_in_flight() {
             }
         })
     };
-    let mut check = HealthCheck::new(discover::fixed([("a", Echo(0)), ("b", Echo(1))]), probe);
-    let deadline = Instant::now() + Duration::from_millis(4050);
-    while tokio::time::timeout_at(deadline, check.next())
-        .await
-        .is_ok()
-    {}
+    let mut check = config()
+        .jitter(0.0)
+        .unwrap()
+        .build(discover::fixed([("a", Echo(0)), ("b", Echo(1))]), probe);
+    // Probes of each run 0–0.1 s, 2.1–2.2 s, 4.2–4.3 s: stop in the middle of the third.
+    let deadline = Instant::now() + Duration::from_millis(4250);
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, check.next()).await {}
     let before = calls.load(Ordering::SeqCst);
-    assert!(before >= 4, "probing ran: {before}");
+    assert_eq!(before, 6, "probing ran");
+    assert_eq!(alive.load(Ordering::SeqCst), 2, "two probes in flight");
     drop(check);
     assert_eq!(
         alive.load(Ordering::SeqCst),
