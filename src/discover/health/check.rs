@@ -151,11 +151,6 @@ where
             status: HealthStatus::new(),
         }
     }
-
-    /// The settings it runs with.
-    pub fn config(&self) -> &HealthCheckBuilder {
-        &self.config
-    }
 }
 
 impl<D, P> HealthCheck<D, P>
@@ -172,57 +167,61 @@ where
 
     fn apply(&mut self, change: Change<D::Key, D::Service>) {
         match change {
-            Change::Insert(key, service) => {
-                if let Some(candidate) = self.candidates.get_mut(&key) {
-                    // A new service for a known endpoint: its health is the endpoint's, so it
-                    // stands; a healthy endpoint's balancer entry gets the new service.
-                    if candidate.health.healthy {
-                        self.outbox
-                            .push_back(Ok(Change::Insert(key, service.clone())));
-                    }
-                    candidate.service = service;
-                    return;
-                }
-                let initial = self.config.initial_health;
-                let generation = self.next_generation;
-                self.next_generation += 1;
-                let health = EndpointHealth::initial(initial.is_healthy());
-                tracing::debug!(
-                    ?key,
-                    healthy = health.healthy,
-                    "health check: new candidate"
-                );
-                self.status.set(key.clone(), &health);
-                if health.healthy {
-                    self.outbox
-                        .push_back(Ok(Change::Insert(key.clone(), service.clone())));
-                }
-                self.candidates.insert(
-                    key.clone(),
-                    Candidate {
-                        service,
-                        generation,
-                        in_flight: None,
-                        first_probe_decides: initial.first_probe_decides(),
-                        health,
-                    },
-                );
-                // Probe at once: the first result matters most (it may decide the health).
-                self.due.push_back((key, generation));
+            Change::Insert(key, service) => self.insert(key, service),
+            Change::Remove(key) => self.remove(&key),
+        }
+    }
+
+    fn insert(&mut self, key: D::Key, service: D::Service) {
+        if let Some(candidate) = self.candidates.get_mut(&key) {
+            // A new service for a known endpoint: its health is the endpoint's, so it stands;
+            // a healthy endpoint's balancer entry gets the new service.
+            if candidate.health.healthy {
+                self.outbox
+                    .push_back(Ok(Change::Insert(key, service.clone())));
             }
-            Change::Remove(key) => {
-                let Some(candidate) = self.candidates.remove(&key) else {
-                    return;
-                };
-                if let Some(probe) = candidate.in_flight {
-                    probe.abort();
-                }
-                self.status.remove(&key);
-                tracing::debug!(?key, "health check: candidate left the source");
-                if candidate.health.healthy {
-                    self.outbox.push_back(Ok(Change::Remove(key)));
-                }
-            }
+            candidate.service = service;
+            return;
+        }
+        let initial = self.config.initial_health;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let health = EndpointHealth::initial(initial.is_healthy());
+        tracing::debug!(
+            ?key,
+            healthy = health.healthy,
+            "health check: new candidate"
+        );
+        self.status.set(key.clone(), &health);
+        if health.healthy {
+            self.outbox
+                .push_back(Ok(Change::Insert(key.clone(), service.clone())));
+        }
+        self.candidates.insert(
+            key.clone(),
+            Candidate {
+                service,
+                generation,
+                in_flight: None,
+                first_probe_decides: initial.first_probe_decides(),
+                health,
+            },
+        );
+        // Probe at once: the first result matters most (it may decide the health).
+        self.due.push_back((key, generation));
+    }
+
+    fn remove(&mut self, key: &D::Key) {
+        let Some((key, candidate)) = self.candidates.remove_entry(key) else {
+            return;
+        };
+        if let Some(probe) = candidate.in_flight {
+            probe.abort();
+        }
+        self.status.remove(&key);
+        tracing::debug!(?key, "health check: candidate left the source");
+        if candidate.health.healthy {
+            self.outbox.push_back(Ok(Change::Remove(key)));
         }
     }
 
