@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::probe::ProbeError;
-use crate::sync::{lock, Arc, Mutex};
 
 /// One candidate endpoint's health as its probes left it.
 #[derive(Clone, Debug)]
@@ -82,6 +82,15 @@ impl<K: Hash + Eq> HealthStatus<K> {
     pub(super) fn remove(&self, key: &K) {
         lock(&self.endpoints).remove(key);
     }
+}
+
+/// Locks the map, ignoring poisoning: every critical section here is a single map operation,
+/// so a panic elsewhere cannot leave it half-updated. (Plain `std` locking: this map is not one
+/// of the lock-free parts `crate::sync` swaps for loom's.)
+fn lock<K>(
+    endpoints: &Mutex<HashMap<K, EndpointHealth>>,
+) -> MutexGuard<'_, HashMap<K, EndpointHealth>> {
+    endpoints.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<K> Clone for HealthStatus<K> {
