@@ -99,10 +99,12 @@ pub(crate) struct EndpointState {
 }
 
 impl EndpointState {
+    #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
         self.refs.load(Ordering::Acquire) & IN_FLIGHT_MASK
     }
 
+    #[inline]
     pub(crate) fn picks(&self) -> u64 {
         self.picks.load(Ordering::Relaxed)
     }
@@ -115,6 +117,7 @@ impl EndpointState {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }
@@ -133,6 +136,7 @@ impl EndpointState {
         self.weight.store(weight, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
@@ -157,6 +161,7 @@ impl EndpointState {
     }
 
     /// Ends a run of failures. Reads first so that the common case writes nothing.
+    #[inline]
     pub(crate) fn record_response_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -198,10 +203,12 @@ impl EndpointState {
         &self.identity
     }
 
+    #[inline]
     pub(crate) fn flags(&self) -> u32 {
         self.flags.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn is_broken(&self) -> bool {
         self.flags() & BROKEN != 0
     }
@@ -210,6 +217,7 @@ impl EndpointState {
         self.flags() & EJECTED != 0
     }
 
+    #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.flags() & DRAINING != 0
     }
@@ -242,6 +250,7 @@ impl EndpointState {
 ///
 /// # Safety
 /// `ptr` must point to a live cell on which the caller holds `count` references.
+#[inline]
 unsafe fn release(ptr: NonNull<EndpointState>, count: u64) {
     // SAFETY: the caller holds `count` references, so the cell is alive until the subtraction.
     let prev = unsafe { ptr.as_ref() }
@@ -301,6 +310,7 @@ impl EndpointHandle {
 
     /// Counts a request as dispatched to this endpoint and returns the guard that counts it
     /// down again.
+    #[inline]
     pub(crate) fn dispatch(&self) -> InFlightGuard {
         let prev = self.refs.fetch_add(1, Ordering::Relaxed);
         if prev & IN_FLIGHT_MASK == IN_FLIGHT_MASK {
@@ -327,6 +337,7 @@ impl EndpointHandle {
 impl std::ops::Deref for EndpointHandle {
     type Target = EndpointState;
 
+    #[inline]
     fn deref(&self) -> &EndpointState {
         // SAFETY: the handle holds an owner reference, so the cell is alive.
         unsafe { self.ptr.as_ref() }
@@ -378,6 +389,7 @@ unsafe impl Send for InFlightGuard {}
 unsafe impl Sync for InFlightGuard {}
 
 impl InFlightGuard {
+    #[inline]
     fn state(&self) -> &EndpointState {
         // SAFETY: the guard holds one in-flight reference, so the cell is alive.
         unsafe { self.ptr.as_ref() }
@@ -395,6 +407,7 @@ impl InFlightGuard {
     }
 
     /// Counts the request as answered successfully, ending any run of failures.
+    #[inline]
     pub fn record_success(&self) {
         self.state().record_response_success();
     }
@@ -416,6 +429,7 @@ impl InFlightGuard {
 }
 
 impl Drop for InFlightGuard {
+    #[inline]
     fn drop(&mut self) {
         if self.state().is_draining() {
             // Someone waits for the drain: keep the cell alive (as an owner) across the
