@@ -76,6 +76,7 @@ pub mod discover;
 mod endpoint;
 mod error;
 mod key;
+mod load_index;
 mod rng;
 mod stats;
 pub mod strategy;
@@ -88,6 +89,7 @@ pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
+pub use strategy::LeastConnections;
 pub use strategy::{RoundRobin, Swappable};
 pub use weight::{Weight, Weighted};
 

@@ -48,6 +48,7 @@
 //! }
 //! ```
 
+mod least_connections;
 mod round_robin;
 mod swap;
 
@@ -56,6 +57,7 @@ use std::fmt;
 use crate::endpoint::{EndpointHandle, EndpointState};
 use crate::rng::FastRng;
 
+pub use least_connections::{LeastConnections, LeastConnectionsPicker};
 pub use round_robin::{RoundRobin, RoundRobinPicker};
 pub use swap::{SwapHandle, Swappable};
 
@@ -239,6 +241,16 @@ impl<'a> Endpoints<'a> {
         Endpoint {
             state: &self.handles[index],
         }
+    }
+
+    /// The shared state of the endpoint at `index`, for pickers inside the crate.
+    pub(crate) fn state(&self, index: usize) -> &'a EndpointState {
+        &self.handles[index]
+    }
+
+    /// The handle of the endpoint at `index`, for pickers that keep endpoints.
+    pub(crate) fn handle(&self, index: usize) -> &'a EndpointHandle {
+        &self.handles[index]
     }
 
     /// All endpoints, in table order.
