@@ -234,7 +234,9 @@ impl LoadIndex {
     ///
     /// Levels are searched upward; within a level, slots from `start` on, wrapping around, so
     /// that a picker moving `start` past each slot it takes rotates through the endpoints tied
-    /// at the lowest level. `judge(level, slot, second_look)` decides about each set bit; bits
+    /// at the lowest level. With a `filter` (one word per bitmap word), only slots whose filter
+    /// bit is set are considered: a picker searches one class of endpoints at a time that way.
+    /// `judge(level, slot, second_look)` decides about each set bit; bits
     /// it calls [`Verdict::Clear`] are cleared and judged once more, with `second_look` true —
     /// the judge must then read the endpoint's count with
     /// `EndpointState::in_flight_latest` — and put back if the second verdict differs, or if a
@@ -248,6 +250,7 @@ impl LoadIndex {
         &self,
         start: usize,
         generation: u64,
+        filter: Option<&[u64]>,
         mut judge: impl FnMut(usize, usize, bool) -> Verdict,
     ) -> Option<(usize, usize)> {
         let start = start & (self.capacity - 1);
@@ -259,6 +262,7 @@ impl LoadIndex {
         // word, and it is where its bit says.
         let level = levels.trailing_zeros() as usize;
         let word = self.bits[level * self.words + start / 64].load(Ordering::Acquire)
+            & filter.map_or(u64::MAX, |f| f[start / 64])
             & (u64::MAX << (start % 64));
         let mut judged = None;
         if word != 0 {
@@ -268,7 +272,7 @@ impl LoadIndex {
                 verdict => judged = Some((slot, verdict)),
             }
         }
-        self.search(levels, start, generation, judged, &mut judge)
+        self.search(levels, start, generation, filter, judged, &mut judge)
     }
 
     /// [`LoadIndex::find_lowest`] past its fast path. `judged` is the verdict the fast path
@@ -279,15 +283,18 @@ impl LoadIndex {
         mut levels: u64,
         start: usize,
         generation: u64,
+        filter: Option<&[u64]>,
         mut judged: Option<(usize, Verdict)>,
         judge: &mut impl FnMut(usize, usize, bool) -> Verdict,
     ) -> Option<(usize, usize)> {
         while levels != 0 {
             let level = levels.trailing_zeros() as usize;
             levels &= levels - 1;
-            match self.scan_level(level, start, generation, judged.take(), judge) {
+            match self.scan_level(level, start, generation, filter, judged.take(), judge) {
                 Scan::Taken(slot) => return Some((level, slot)),
                 Scan::Passed => {}
+                // Empty of the filtered class says nothing about the others.
+                Scan::Empty if filter.is_some() => {}
                 Scan::Empty => self.clear_level(level),
             }
         }
@@ -299,13 +306,14 @@ impl LoadIndex {
         level: usize,
         start: usize,
         generation: u64,
+        filter: Option<&[u64]>,
         mut judged: Option<(usize, Verdict)>,
         judge: &mut impl FnMut(usize, usize, bool) -> Verdict,
     ) -> Scan {
         let mut passed = false;
         for (from, to) in [(start, self.capacity), (0, start)] {
             let mut at = from;
-            while let Some(slot) = self.next_set(level, at, to) {
+            while let Some(slot) = self.next_set(level, at, to, filter) {
                 let mut verdict = match judged.take() {
                     Some((known, verdict)) if known == slot => verdict,
                     _ => judge(level, slot, false),
@@ -334,24 +342,33 @@ impl LoadIndex {
         }
     }
 
-    /// The first slot in `from..to` whose bit is set at `level`.
-    fn next_set(&self, level: usize, from: usize, to: usize) -> Option<usize> {
+    /// The first slot in `from..to` (and in `filter`) whose bit is set at `level`.
+    fn next_set(
+        &self,
+        level: usize,
+        from: usize,
+        to: usize,
+        filter: Option<&[u64]>,
+    ) -> Option<usize> {
         if from >= to {
             return None;
         }
         let words = &self.bits[level * self.words..][..self.words];
+        let allowed = |word: usize| filter.map_or(u64::MAX, |f| f[word]);
         let mut word = from / 64;
-        let mut found = words[word].load(Ordering::Acquire) & (u64::MAX << (from % 64));
+        let mut found =
+            words[word].load(Ordering::Acquire) & allowed(word) & (u64::MAX << (from % 64));
         loop {
             if found != 0 {
                 let slot = word * 64 + found.trailing_zeros() as usize;
                 return (slot < to).then_some(slot);
             }
             word = self.next_occupied_word(level, word + 1, to.div_ceil(64))?;
-            found = words[word].load(Ordering::Acquire);
-            if found == 0 {
+            let bits = words[word].load(Ordering::Acquire);
+            if bits == 0 {
                 self.clear_summary(level, word);
             }
+            found = bits & allowed(word);
         }
     }
 
@@ -424,10 +441,22 @@ mod tests {
         }
         index.insert(5, 1);
         let wanted = [(2, 3), (2, 70), (2, 200), (5, 1)];
-        assert_eq!(index.find_lowest(0, 0, take_from(&wanted)), Some((2, 3)));
-        assert_eq!(index.find_lowest(4, 0, take_from(&wanted)), Some((2, 70)));
-        assert_eq!(index.find_lowest(71, 0, take_from(&wanted)), Some((2, 200)));
-        assert_eq!(index.find_lowest(201, 0, take_from(&wanted)), Some((2, 3)));
+        assert_eq!(
+            index.find_lowest(0, 0, None, take_from(&wanted)),
+            Some((2, 3))
+        );
+        assert_eq!(
+            index.find_lowest(4, 0, None, take_from(&wanted)),
+            Some((2, 70))
+        );
+        assert_eq!(
+            index.find_lowest(71, 0, None, take_from(&wanted)),
+            Some((2, 200))
+        );
+        assert_eq!(
+            index.find_lowest(201, 0, None, take_from(&wanted)),
+            Some((2, 3))
+        );
     }
 
     #[test]
@@ -438,7 +467,10 @@ mod tests {
         index.insert(3, 4100);
         // Slot 5 left level 0 and slot 4100 is now at level 3: level 0 is all wrong.
         let wanted = [(3, 4100)];
-        assert_eq!(index.find_lowest(0, 0, take_from(&wanted)), Some((3, 4100)));
+        assert_eq!(
+            index.find_lowest(0, 0, None, take_from(&wanted)),
+            Some((3, 4100))
+        );
         assert!(!index.holds(0, 5) && !index.holds(0, 4100));
         assert_eq!(index.mask.load(Ordering::Relaxed), 1 << 3);
         assert!(index
@@ -453,7 +485,7 @@ mod tests {
         let index = LoadIndex::new(64);
         index.insert(1, 9);
         let mut first = true;
-        let found = index.find_lowest(0, 0, |_, _, _| {
+        let found = index.find_lowest(0, 0, None, |_, _, _| {
             // The endpoint moves back to the level between the two looks.
             if std::mem::replace(&mut first, false) {
                 Verdict::Clear
@@ -471,11 +503,14 @@ mod tests {
         let old = index.advance_generation();
         index.insert(0, 7);
         let _new = index.advance_generation();
-        assert_eq!(index.find_lowest(0, old, |_, _, _| Verdict::Clear), None);
+        assert_eq!(
+            index.find_lowest(0, old, None, |_, _, _| Verdict::Clear),
+            None
+        );
         assert!(index.holds(0, 7), "a newer picker may own slot 7");
         let current = index.advance_generation();
         assert_eq!(
-            index.find_lowest(0, current, |_, _, _| Verdict::Clear),
+            index.find_lowest(0, current, None, |_, _, _| Verdict::Clear),
             None
         );
         assert!(!index.holds(0, 7));
@@ -486,9 +521,40 @@ mod tests {
         let index = LoadIndex::new(64);
         index.insert(0, 1);
         index.insert(LEVELS as u64, 2);
-        assert_eq!(index.find_lowest(0, 0, |_, _, _| Verdict::Pass), None);
+        assert_eq!(index.find_lowest(0, 0, None, |_, _, _| Verdict::Pass), None);
         assert!(index.holds(0, 1));
         assert_eq!(index.mask.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_filter_searches_one_class_and_leaves_the_rest() {
+        let index = LoadIndex::new(128);
+        for slot in [1, 70] {
+            index.insert(0, slot);
+        }
+        index.insert(2, 5);
+        index.insert(3, 90);
+        // Class {5, 90}: its lowest is 5 at level 2; level 0 holds only other classes.
+        let mut filter = vec![0u64; 2];
+        filter[0] |= 1 << 5;
+        filter[1] |= 1 << (90 - 64);
+        let any = |_, _, _| Verdict::Take;
+        assert_eq!(index.find_lowest(0, 0, Some(&filter), any), Some((2, 5)));
+        assert!(
+            index.holds(0, 1) && index.holds(0, 70),
+            "other classes untouched"
+        );
+        // Class members found stale are cleared, and the level stays for the others.
+        let stale = |level, slot, _| {
+            if (level, slot) == (2, 5) {
+                Verdict::Clear
+            } else {
+                Verdict::Take
+            }
+        };
+        assert_eq!(index.find_lowest(0, 0, Some(&filter), stale), Some((3, 90)));
+        assert!(!index.holds(2, 5));
+        assert_eq!(index.find_lowest(0, 0, None, any), Some((0, 1)));
     }
 
     #[test]
@@ -528,7 +594,7 @@ mod loom_tests {
                     index.report(now, 0);
                 })
             };
-            let found = index.find_lowest(0, 0, |level, _, second_look| {
+            let found = index.find_lowest(0, 0, None, |level, _, second_look| {
                 let count = if second_look {
                     count.fetch_add(0, Ordering::AcqRel)
                 } else {
@@ -562,7 +628,7 @@ mod loom_tests {
                 })
             };
             // Slot 5 is gone; the picker clears it and whatever else it finds absent.
-            let _ = index.find_lowest(0, 0, |_, slot, _| {
+            let _ = index.find_lowest(0, 0, None, |_, slot, _| {
                 if present.load(Ordering::Relaxed) & (1 << slot) != 0 {
                     Verdict::Pass
                 } else {

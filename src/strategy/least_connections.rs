@@ -14,6 +14,10 @@ use crate::sync::{Arc, AtomicU64, Ordering};
 /// their load.
 const SCAN_UP_TO: usize = 4;
 
+/// Weighted picks search the index once per distinct weight; with more weights than this,
+/// they read every endpoint instead.
+const MAX_WEIGHT_CLASSES: usize = 8;
+
 /// Sends each request to the endpoint with the fewest requests in flight.
 ///
 /// "In flight" is the live count across every clone of the balancer
@@ -79,22 +83,25 @@ const SCAN_UP_TO: usize = 4;
 ///
 /// # Cost
 ///
-/// With more than four endpoints and one weight for all (always so without
-/// [`weighted`](LeastConnections::weighted)), a pick does not read every endpoint: the
-/// endpoints report each change of their in-flight count to a shared index by level, and a
-/// pick takes the lowest occupied level and the next endpoint in it after its cursor. A report
-/// is a load when the endpoint's bit is already set (the usual case), else an atomic `or`;
-/// releasing a request costs one more atomic add, to keep the endpoint alive while it reports.
-/// The index may keep bits where an endpoint no longer is, never miss one, and a pick checks
-/// the endpoint it finds against its live count (clearing what is stale, once per change,
-/// amortised), so the pick is exact whenever the counts are not changing while it runs. It costs
-/// a few loads whatever the number of endpoints, plus one read per endpoint under an error
-/// penalty whose in-flight count is below the pick's, and falls back to reading every endpoint
-/// only when all of them have 64 or more requests in flight.
+/// With more than four endpoints, a pick does not read every endpoint. The endpoints report
+/// each change of their in-flight count to a shared index by level, and a pick takes the lowest
+/// occupied level and the next endpoint in it after its cursor — once per distinct weight for
+/// [`weighted`](LeastConnections::weighted) picks, since endpoints of one weight compare by
+/// in-flight count alone. A report is a load when the endpoint's bit is already set (the usual
+/// case), else an atomic `or`; releasing a request costs one more atomic add, to keep the
+/// endpoint alive while it reports. The index may keep bits where an endpoint no longer is but
+/// never misses one, and a pick checks what it finds against the live count (clearing what is
+/// stale, once per change, amortised), so the pick is exact whenever the counts are not
+/// changing while it runs. It costs a few loads whatever the number of endpoints, plus one
+/// read per endpoint under an error penalty whose in-flight count is below the pick's level;
+/// it reads every endpoint only when all of them (of some weight) have 64 or more requests in
+/// flight.
 ///
-/// With up to four endpoints, or with weights that differ, a pick reads every endpoint: O(n),
-/// with no atomic write, and no reporting. Endpoints stay attached to the index once a picker
-/// has attached them, also if the balancer swaps to another strategy.
+/// With up to four endpoints, or more than eight distinct weights, a pick reads every
+/// endpoint: O(n), with no atomic write and no reporting. Endpoints that had requests in flight
+/// when the picker was built are read directly until they are idle and can start reporting.
+/// Once reporting, an endpoint reports for life, also if the balancer swaps to another
+/// strategy.
 #[derive(Clone, Debug)]
 pub struct LeastConnections {
     weighted: bool,
@@ -172,6 +179,7 @@ pub struct LeastConnectionsPicker {
 /// What a picker that uses load indexes keeps.
 struct Indexed {
     boards: Box<[Board]>,
+    classes: Box<[Class]>,
     /// Endpoints that had requests in flight when the picker was built, so could not start
     /// reporting then: picks read them directly, and start their reporting once they are idle.
     pending: Box<[u32]>,
@@ -183,6 +191,22 @@ struct Indexed {
 struct Noticed {
     failures: AtomicU64,
     at: AtomicU64,
+}
+
+/// Endpoints of one weight.
+struct Class {
+    weight: u64,
+    /// Per board, which of its slots hold this class.
+    members: Box<[Members]>,
+}
+
+enum Members {
+    /// Every endpoint of the board (there is one class).
+    All,
+    /// The slots whose bit is set, one word per bitmap word.
+    Slots(Box<[u64]>),
+    /// None of the board's endpoints.
+    None,
 }
 
 /// One load index and where this picker's endpoints are in it.
@@ -211,18 +235,27 @@ impl Strategy for LeastConnections {
 
     fn build(&self, endpoints: &Endpoints<'_>) -> LeastConnectionsPicker {
         let n = endpoints.len();
-        let mut weights = endpoints.iter().map(|e| e.weight());
-        let one_weight = weights
-            .next()
-            .is_none_or(|first| weights.all(|w| w == first));
-        // With one weight for all, the weighted order is the unweighted one.
-        let indexed = n > SCAN_UP_TO && n <= u32::MAX as usize && (!self.weighted || one_weight);
+        // Endpoints of one weight compare by in-flight count alone, so each weight class has
+        // its own lowest level; unweighted, everybody is in one class of weight 1.
+        let mut weights: Vec<u32> = if self.weighted {
+            endpoints.iter().map(|e| e.weight()).collect()
+        } else {
+            vec![1]
+        };
+        weights.sort_unstable();
+        weights.dedup();
+        let indexed =
+            n > SCAN_UP_TO && n <= u32::MAX as usize && weights.len() <= MAX_WEIGHT_CLASSES;
         LeastConnectionsPicker {
             weighted: self.weighted,
             penalty: u64::from(self.error_penalty),
             window_ns: self.error_window.as_nanos() as u64,
             noticed: (0..n).map(|_| Noticed::default()).collect(),
-            indexed: if indexed { attach(endpoints) } else { None },
+            indexed: if indexed {
+                attach(endpoints, self.weighted.then_some(&weights[..]))
+            } else {
+                None
+            },
         }
     }
 }
@@ -231,7 +264,8 @@ impl Strategy for LeastConnections {
 /// use, or a new one), activates reporting where nothing is in flight, and returns the indexes
 /// with this table's slot maps and the endpoints still to activate. `None` if an endpoint
 /// cannot be given a place (more slots than reports can name): picks then read every endpoint.
-fn attach(endpoints: &Endpoints<'_>) -> Option<Indexed> {
+/// `weights` are the distinct weights when picks are weighted.
+fn attach(endpoints: &Endpoints<'_>, weights: Option<&[u32]>) -> Option<Indexed> {
     let n = endpoints.len();
     let mut indexes: Vec<Arc<LoadIndex>> = Vec::new();
     let note = |indexes: &mut Vec<Arc<LoadIndex>>, index: &Arc<LoadIndex>| {
@@ -280,7 +314,7 @@ fn attach(endpoints: &Endpoints<'_>) -> Option<Indexed> {
         }
     }
 
-    let boards = indexes
+    let boards: Box<[Board]> = indexes
         .into_iter()
         .zip(generations)
         .map(|(index, generation)| {
@@ -299,8 +333,41 @@ fn attach(endpoints: &Endpoints<'_>) -> Option<Indexed> {
             })
         })
         .collect::<Option<_>>()?;
+    let classes: Box<[Class]> = match weights {
+        Some(weights) if weights.len() > 1 => weights
+            .iter()
+            .map(|&weight| Class {
+                weight: u64::from(weight),
+                members: boards
+                    .iter()
+                    .map(|board| {
+                        let mut slots = vec![0u64; board.index.capacity() / 64];
+                        let mut any = false;
+                        for (slot, entry) in board.slots.iter().enumerate() {
+                            if let Some((handle, _)) = entry {
+                                if handle.weight() == weight {
+                                    slots[slot / 64] |= 1 << (slot % 64);
+                                    any = true;
+                                }
+                            }
+                        }
+                        if any {
+                            Members::Slots(slots.into_boxed_slice())
+                        } else {
+                            Members::None
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+        _ => Box::new([Class {
+            weight: u64::from(weights.map_or(1, |w| w[0])),
+            members: boards.iter().map(|_| Members::All).collect(),
+        }]),
+    };
     Some(Indexed {
         boards,
+        classes,
         pending_left: AtomicU64::new(pending.len() as u64),
         pending: pending.into_boxed_slice(),
     })
@@ -309,17 +376,28 @@ fn attach(endpoints: &Endpoints<'_>) -> Option<Indexed> {
 /// The best endpoint so far, and how many tied with it (for an even choice among them).
 #[derive(Default)]
 struct Best {
-    found: Option<(u64, usize)>,
+    /// Effective load as `(load, weight)`, and the endpoint's position.
+    found: Option<(u64, u64, usize)>,
     /// The slot of `found` when the index gave it, to move the cursor past it.
     slot: Option<usize>,
     ties: u64,
 }
 
 impl Best {
-    fn offer(&mut self, load: u64, index: usize, slot: Option<usize>, cx: &mut PickContext<'_>) {
-        let replace = match self.found {
-            Some((best, _)) if load > best => false,
-            Some((best, _)) if load == best => {
+    fn offer(
+        &mut self,
+        (load, weight): (u64, u64),
+        index: usize,
+        slot: Option<usize>,
+        cx: &mut PickContext<'_>,
+    ) {
+        let order = self.found.map(|(best, best_weight, _)| {
+            (u128::from(load) * u128::from(best_weight))
+                .cmp(&(u128::from(best) * u128::from(weight)))
+        });
+        let replace = match order {
+            Some(std::cmp::Ordering::Greater) => false,
+            Some(std::cmp::Ordering::Equal) => {
                 self.ties += 1;
                 cx.random() % self.ties == 0
             }
@@ -329,7 +407,7 @@ impl Best {
             }
         };
         if replace {
-            self.found = Some((load, index));
+            self.found = Some((load, weight, index));
             self.slot = slot;
         }
     }
@@ -430,13 +508,21 @@ impl LeastConnectionsPicker {
         if indexed.pending_left.load(Ordering::Relaxed) != 0 {
             self.offer_pending(indexed, endpoints, &mut best, cx, now);
         }
-        // Some index had endpoints of this table it could not rank (64+ in flight).
-        let mut unranked = false;
-        for board in indexed.boards.iter() {
-            let found =
-                board
-                    .index
-                    .find_lowest(start, board.generation, |level, slot, second_look| {
+        // The largest weight of a class with endpoints the indexes could not rank (64+ in
+        // flight): their loads are at least `(LEVELS + 1) / weight`.
+        let mut unranked: Option<u64> = None;
+        for class in indexed.classes.iter() {
+            for (board, members) in indexed.boards.iter().zip(class.members.iter()) {
+                let filter = match members {
+                    Members::All => None,
+                    Members::Slots(slots) => Some(&slots[..]),
+                    Members::None => continue,
+                };
+                let found = board.index.find_lowest(
+                    start,
+                    board.generation,
+                    filter,
+                    |level, slot, second_look| {
                         let Some((endpoint, i)) = &board.slots[slot] else {
                             return Verdict::Clear;
                         };
@@ -450,31 +536,39 @@ impl LeastConnectionsPicker {
                         }
                         match self.penalty_of(*i as usize, endpoint, now) {
                             0 => Verdict::Take,
-                            // Penalised: its load is above this level. Every penalised endpoint that
-                            // could beat the lowest unpenalised one sits at a lower level, so the
-                            // search meets it on the way.
+                            // Penalised: its load is above this level. Every penalised endpoint
+                            // of the class that could beat the lowest unpenalised one sits at a
+                            // lower level, so the search meets it on the way.
                             penalty => {
-                                best.offer(level as u64 + penalty, *i as usize, None, cx);
+                                let load = level as u64 + 1 + penalty;
+                                best.offer((load, class.weight), *i as usize, None, cx);
                                 Verdict::Pass
                             }
                         }
-                    });
-            match found {
-                Some((level, slot)) => {
-                    let i = board.slots[slot].as_ref().map_or(0, |(_, i)| *i as usize);
-                    best.offer(level as u64, i, Some(slot), cx);
+                    },
+                );
+                match found {
+                    Some((level, slot)) => {
+                        let i = board.slots[slot].as_ref().map_or(0, |(_, i)| *i as usize);
+                        best.offer((level as u64 + 1, class.weight), i, Some(slot), cx);
+                    }
+                    None => unranked = unranked.max(Some(class.weight)),
                 }
-                None => unranked = true,
             }
         }
+        let beyond = |(load, weight): (u64, u64)| {
+            unranked.is_some_and(|w| {
+                u128::from(load) * u128::from(w) >= (LEVELS as u128 + 1) * u128::from(weight)
+            })
+        };
         match best.found {
-            Some((load, i)) if !unranked || load < LEVELS as u64 => {
+            Some((load, weight, i)) if !beyond((load, weight)) => {
                 if let Some(slot) = best.slot {
                     *cx.cursor() = slot as u64 + 1;
                 }
                 i
             }
-            // Endpoints beyond the index may be the least loaded.
+            // An endpoint beyond the indexes may be the least loaded.
             _ => self.pick_by_scan(endpoints, cx, now),
         }
     }
@@ -513,8 +607,15 @@ impl LeastConnectionsPicker {
                     Activation::Busy => {}
                 }
             }
-            let load = in_flight.saturating_add(self.penalty_of(i as usize, state, now));
-            best.offer(load, i as usize, None, cx);
+            let load = in_flight
+                .saturating_add(1)
+                .saturating_add(self.penalty_of(i as usize, state, now));
+            let weight = if self.weighted {
+                u64::from(state.weight())
+            } else {
+                1
+            };
+            best.offer((load, weight), i as usize, None, cx);
         }
     }
 }
@@ -667,6 +768,27 @@ mod tests {
             .collect();
         let counts: Vec<u64> = handles.iter().map(|h| h.in_flight()).collect();
         assert_eq!(counts, [30, 10, 10]);
+    }
+
+    #[test]
+    fn weighted_with_a_few_weights_searches_the_index_per_weight() {
+        let weights: Vec<u32> = (0..20).map(|i| if i % 2 == 0 { 3 } else { 1 }).collect();
+        let handles = endpoints(&weights);
+        let picker = build(&LeastConnections::weighted(), &handles);
+        assert_eq!(picker.indexed.as_ref().map(|i| i.classes.len()), Some(2));
+        let mut clone = Clone::new();
+        let _guards: Vec<_> = (0..100)
+            .map(|_| handles[clone.pick(&picker, &handles)].dispatch())
+            .collect();
+        // (8 + 1) / 3 = (2 + 1) / 1: every endpoint at the same load.
+        for (handle, weight) in handles.iter().zip(&weights) {
+            assert_eq!(handle.in_flight(), if *weight == 3 { 8 } else { 2 });
+        }
+        // Nine distinct weights are too many classes: read every endpoint.
+        let handles = endpoints(&(1..=9).collect::<Vec<_>>());
+        assert!(build(&LeastConnections::weighted(), &handles)
+            .indexed
+            .is_none());
     }
 
     #[test]
