@@ -21,8 +21,8 @@ const MAX_WEIGHT_CLASSES: usize = 8;
 /// Sends each request to the endpoint with the fewest requests in flight.
 ///
 /// "In flight" is the live count across every clone of the balancer
-/// ([`Endpoint::in_flight`](super::Endpoint::in_flight)): a request counts from dispatch until its response future
-/// completes or is dropped.
+/// ([`Endpoint::in_flight`](super::Endpoint::in_flight)): a request counts from dispatch
+/// until its response future completes or is dropped.
 ///
 /// ```
 /// use std::time::Duration;
