@@ -1005,11 +1005,18 @@ mod tests {
             weighted in any::<bool>(),
             penalty in 0..3u32,
             build_first in any::<bool>(),
-            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 0..60),
+            changes in proptest::collection::vec(
+                (any::<prop::sample::Index>(), any::<bool>()),
+                0..60,
+            ),
         ) {
             let weights: Vec<u32> = table.iter().map(|&(w, _, _)| w).collect();
             let handles = endpoints(&weights);
-            let strategy = if weighted { LeastConnections::weighted() } else { LeastConnections::new() };
+            let strategy = if weighted {
+                LeastConnections::weighted()
+            } else {
+                LeastConnections::new()
+            };
             let strategy = strategy.error_penalty(penalty);
             let early = build_first.then(|| build(&strategy, &handles));
             for (handle, &(_, _, failing)) in handles.iter().zip(&table) {
@@ -1021,15 +1028,16 @@ mod tests {
             let mut clone = Clone::new();
             let load = |i: usize| {
                 let h = &handles[i];
-                let load = h.in_flight() + 1 + u64::from(penalty) * u64::from(h.consecutive_failures());
+                let penalty = u64::from(penalty) * u64::from(h.consecutive_failures());
+                let load = h.in_flight() + 1 + penalty;
                 let weight = if weighted { u64::from(h.weight()) } else { 1 };
                 (u128::from(load), u128::from(weight))
             };
             for (at, add) in changes {
                 // The index has every endpoint at its count (below the levels it tracks), so
                 // picks need not fall back to reading every endpoint.
-                let reporting = handles.iter().filter(|h| h.is_reporting() && h.in_flight() < LEVELS as u64);
-                for handle in reporting {
+                let tracked = |h: &&EndpointHandle| h.in_flight() < LEVELS as u64;
+                for handle in handles.iter().filter(|h| h.is_reporting()).filter(tracked) {
                     let watch = handle.watch().unwrap();
                     prop_assert!(watch.index.holds(handle.in_flight() as usize, watch.slot));
                 }
@@ -1037,7 +1045,10 @@ mod tests {
                 let (l, w) = load(chosen);
                 for j in 0..handles.len() {
                     let (lj, wj) = load(j);
-                    prop_assert!(l * wj <= lj * w, "picked {} with {}/{}, but {} has {}/{}", chosen, l, w, j, lj, wj);
+                    prop_assert!(
+                        l * wj <= lj * w,
+                        "picked {} with {}/{}, but {} has {}/{}", chosen, l, w, j, lj, wj
+                    );
                 }
                 if add || guards.is_empty() {
                     guards.push(handles[at.index(handles.len())].dispatch());
