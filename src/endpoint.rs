@@ -16,13 +16,13 @@
 //! then on the endpoint reports every change of its in-flight count to the index, on the
 //! request path. Reporting is marked by the top bit of `refs` ([`WATCHED`]), so an endpoint
 //! that never reports — every endpoint of a round-robin balancer — pays one predictable branch
-//! on the value its dispatch read-modify-write returns anyway, and one load of `refs` (a line
-//! the guard is about to write) before its guard's release. An endpoint reports for life once
-//! activated, also if the balancer swaps to a strategy that does not read the index.
+//! on the value its dispatch read-modify-write returns anyway, and its guard one on a flag it
+//! keeps from that value. An endpoint reports for life once activated, also if the balancer
+//! swaps to a strategy that does not read the index.
 //!
-//! Activation only happens while nothing is in flight: a guard decides how to release by
-//! loading `refs` before its decrement, and activation between the two would leave that
-//! release unreported. With no guard alive there is no such release.
+//! Activation only happens while nothing is in flight, so a guard's endpoint reports for the
+//! whole life of the guard or not at all: the flag stays true, and a guard that does not
+//! report never sees `WATCHED` in its release.
 
 use std::fmt;
 use std::ptr::{self, NonNull};
@@ -295,12 +295,39 @@ unsafe fn release(ptr: NonNull<EndpointState>, count: u64) {
         .refs
         .fetch_sub(count, Ordering::Release);
     if prev & !WATCHED == count {
-        // Synchronise with every other release before freeing, as `Arc` does.
-        fence(Ordering::Acquire);
-        // SAFETY: the count reached zero, so this was the last reference; the cell was made by
-        // `Box::new` in `EndpointHandle::new`.
-        drop(unsafe { Box::from_raw(ptr.as_ptr()) });
+        // SAFETY: that was the last reference.
+        unsafe { free(ptr) }
     }
+}
+
+/// Ends one request to an endpoint that does not report its load: [`release`] of one
+/// in-flight reference, minus the masking. `WATCHED` cannot be set here: reporting starts
+/// only while nothing is in flight, and this reference was in flight until the subtraction.
+///
+/// # Safety
+/// As for [`release`], with `count` 1, on an endpoint that did not report when the reference
+/// was taken.
+#[inline]
+unsafe fn release_in_flight(ptr: NonNull<EndpointState>) {
+    // SAFETY: the caller's reference keeps the cell alive until the subtraction.
+    if unsafe { ptr.as_ref() }.refs.fetch_sub(1, Ordering::Release) == 1 {
+        // SAFETY: that was the last reference.
+        unsafe { free(ptr) }
+    }
+}
+
+/// Frees a cell after its last reference was released.
+///
+/// # Safety
+/// The caller released the last reference to the cell at `ptr`.
+#[cold]
+#[inline(never)]
+unsafe fn free(ptr: NonNull<EndpointState>) {
+    // Synchronise with every other release before freeing, as `Arc` does.
+    fence(Ordering::Acquire);
+    // SAFETY: nothing refers to the cell any more; it was made by `Box::new` in
+    // `EndpointHandle::new`.
+    drop(unsafe { Box::from_raw(ptr.as_ptr()) });
 }
 
 /// An owning handle on an endpoint's state, held by the endpoint table and its snapshots.
@@ -345,10 +372,20 @@ impl EndpointHandle {
             std::process::abort();
         }
         self.picks.fetch_add(1, Ordering::Relaxed);
-        if prev & WATCHED != 0 {
-            self.report_in_flight((prev & IN_FLIGHT_MASK) + 1);
+        let reports = prev & WATCHED != 0;
+        if reports {
+            self.report_dispatch(prev);
         }
-        InFlightGuard { ptr: self.ptr }
+        InFlightGuard {
+            ptr: self.ptr,
+            reports,
+        }
+    }
+
+    /// Out of line, so that endpoints that do not report keep a small `dispatch`.
+    #[inline(never)]
+    fn report_dispatch(&self, prev: u64) {
+        self.report_in_flight((prev & IN_FLIGHT_MASK) + 1);
     }
 
     /// Whether this is the only handle left and nothing is in flight: no snapshot can dispatch
@@ -409,6 +446,9 @@ impl fmt::Debug for EndpointHandle {
 #[must_use = "dropping the guard ends the request's in-flight accounting"]
 pub struct InFlightGuard {
     ptr: NonNull<EndpointState>,
+    /// Whether the endpoint reports its load, read from the dispatch's read-modify-write. It
+    /// cannot change while the guard lives: reporting starts only while nothing is in flight.
+    reports: bool,
 }
 
 // SAFETY: see `EndpointHandle`.
@@ -446,12 +486,12 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.state().refs.load(Ordering::Relaxed) & WATCHED == 0 {
-            // SAFETY: this guard holds one in-flight reference.
-            unsafe { release(self.ptr, 1) }
-        } else {
-            // SAFETY: as above.
+        if self.reports {
+            // SAFETY: this guard holds one in-flight reference on an endpoint that reports.
             unsafe { release_reporting(self.ptr) }
+        } else {
+            // SAFETY: as above, on an endpoint that did not report at dispatch.
+            unsafe { release_in_flight(self.ptr) }
         }
     }
 }
@@ -464,7 +504,7 @@ impl Drop for InFlightGuard {
 /// that is released after reporting.
 ///
 /// # Safety
-/// The caller holds one in-flight reference on a live state and has seen `WATCHED`.
+/// The caller holds one in-flight reference on a live state that reports.
 #[inline(never)]
 unsafe fn release_reporting(ptr: NonNull<EndpointState>) {
     // SAFETY: the caller's reference keeps the state alive, and then the owner reference does.
