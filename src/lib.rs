@@ -41,7 +41,7 @@
 //! |---|---|---|---|
 //! | [`RoundRobin`] | each endpoint in turn | `poll_ready` | O(1) |
 //! | [`WeightedRoundRobin`] | smooth weighted rotation (3:1:1 → `a b a c a`), exact shares per cycle | `poll_ready` | O(1) (precomputed cycle ≤ 2^18), else O(log n) per clone |
-//! | `LeastConnections` | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
+//! | [`LeastConnections`] | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
 //! | [`PowerOfTwoChoices`] | the less loaded of two distinct weighted samples; load = in-flight or PeakEWMA latency × (in-flight + 1) | `poll_ready` | O(1) |
 //! | [`ConsistentHash`] | by request key: ring (Ketama, or nginx-compatible), Maglev; optional bounded loads | `call` | O(log n) ring, O(1) Maglev |
 //! | [`Random`] | uniform or weighted (alias table) | `poll_ready` | O(1) |
@@ -138,6 +138,7 @@ pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 mod key;
+mod load_index;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod rng;
@@ -154,8 +155,8 @@ pub use error::{ConfigError, Error};
 pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
 pub use strategy::{
-    ConsistentHash, KeyFallback, PowerOfTwoChoices, Random, RoundRobin, Swappable,
-    WeightedRoundRobin,
+    ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random, RoundRobin,
+    Swappable, WeightedRoundRobin,
 };
 pub use weight::{Weight, Weighted};
 
