@@ -82,6 +82,16 @@ fn strategies() -> Vec<(&'static str, BoxStrategy, &'static str)> {
             "by capacity",
         ),
         (
+            "least-conn",
+            BoxStrategy::new(LeastConnections::new()),
+            "fewest in flight",
+        ),
+        (
+            "least-conn-w",
+            BoxStrategy::new(LeastConnections::weighted()),
+            "fewest in flight per weight",
+        ),
+        (
             "p2c",
             BoxStrategy::new(PowerOfTwoChoices::new()),
             "2 choices, in-flight",
