@@ -20,7 +20,7 @@ use tower::BoxError;
 use super::shared::{Config, Control, Member, SharedOf, Snapshot};
 use crate::endpoint::{EndpointEvents, EndpointHandle, EJECTED};
 use crate::health::slow_start::{SCALE, STEPS};
-use crate::strategy::{Endpoints, Strategy};
+use crate::strategy::{decay_ns, Endpoints, Picker, Strategy};
 use crate::sync::{lock, Mutex, Ordering};
 use crate::weight::Weigh;
 
@@ -396,6 +396,8 @@ where
         shared.table.publish(Snapshot {
             endpoints: endpoints.into_boxed_slice(),
             services: Mutex::new(services.into_boxed_slice()),
+            keyed: picker.is_keyed(),
+            latency_decay_ns: picker.latency_decay().map(decay_ns),
             picker,
             honor_ejection: !panic,
         });

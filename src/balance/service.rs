@@ -202,6 +202,8 @@ where
             table: Published::new(Snapshot {
                 endpoints: Box::new([]),
                 services: Mutex::new(Box::new([])),
+                keyed: empty.is_keyed(),
+                latency_decay_ns: empty.latency_decay().map(decay_ns),
                 picker: empty,
                 honor_ejection: true,
             }),
@@ -313,7 +315,7 @@ where
             return Poll::Ready(None);
         }
         let mut pending = false;
-        let now = if snapshot.picker.latency_decay().is_some() {
+        let now = if snapshot.latency_decay_ns.is_some() {
             clock::now_ns()
         } else {
             0
@@ -456,7 +458,7 @@ where
         let Some(snapshot) = &self.local.snapshot else {
             return self.poll_no_endpoints(version, cx);
         };
-        let usable = if snapshot.picker.is_keyed() {
+        let usable = if snapshot.keyed {
             let live = (0..self.local.dead.len()).any(|i| {
                 !self.local.dead[i] && snapshot.endpoints[i].flags() & (BROKEN | DRAINING) == 0
             });
@@ -488,13 +490,13 @@ where
             }
             Reserved::Endpoint(index) => index,
             Reserved::Keyed => {
-                let latency = snapshot.picker.latency_decay();
+                let latency = snapshot.latency_decay_ns;
                 let now = if latency.is_some() {
                     clock::now_ns()
                 } else {
                     0
                 };
-                let probe = latency.map(|decay| LatencyProbe::new(now, decay_ns(decay)));
+                let probe = latency.map(|decay| LatencyProbe::new(now, decay));
                 let mut hasher = snapshot.picker.key_hasher();
                 let key_hash = self
                     .shared
@@ -543,9 +545,8 @@ where
         };
         let guard = snapshot.endpoints[index].dispatch();
         let probe = snapshot
-            .picker
-            .latency_decay()
-            .map(|decay| LatencyProbe::new(self.local.picked_at, decay_ns(decay)));
+            .latency_decay_ns
+            .map(|decay| LatencyProbe::new(self.local.picked_at, decay));
         ResponseFuture::called(
             self.local.services[index].call(request),
             guard,
