@@ -73,33 +73,6 @@ fn in_flight<K: std::hash::Hash + Eq + Clone>(stats: &tower_lb::Stats<K>, key: &
     stats.get(key).unwrap().in_flight
 }
 
-/// Counts allocations on threads that ask for it.
-struct Counting;
-
-thread_local! {
-    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-// SAFETY: defers to the system allocator; only counts calls on the measuring thread.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if COUNTING.with(std::cell::Cell::get) {
-            ALLOCATIONS.with(|a| a.set(a.get() + 1));
-        }
-        // SAFETY: forwarded unchanged.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: forwarded unchanged.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
 /// A small deterministic generator, so the tests replay the same steps.
 struct Steps(u64);
 
@@ -399,64 +372,5 @@ proptest::proptest! {
                 "a removed endpoint is still referenced: {stats:?}"
             );
         });
-    }
-}
-
-/// Answers its id at once, without allocating.
-#[derive(Clone, Debug)]
-struct Instant(usize);
-
-impl Service<()> for Instant {
-    type Response = usize;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<usize, std::convert::Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: ()) -> Self::Future {
-        std::future::ready(Ok(self.0))
-    }
-}
-
-fn one_request<S>(balance: &mut S, cx: &mut Context<'_>)
-where
-    S: Service<(), Response = usize>,
-    S::Error: std::fmt::Debug,
-{
-    assert!(balance.poll_ready(cx).is_ready());
-    let response = std::pin::pin!(balance.call(()));
-    assert!(matches!(response.poll(cx), Poll::Ready(Ok(_))));
-}
-
-/// The request path allocates nothing, through the index (40 endpoints, with a weight per
-/// parity so weighted picks search two classes) and through a scan (3 endpoints), with
-/// endpoints failing and pending: after warm-up, zero allocations.
-#[test]
-fn requests_allocate_nothing() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let _entered = runtime.enter();
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    for n in [3usize, 40] {
-        let endpoints = (0..n).map(|id| {
-            let weight = Weight::new(1 + (id as u32 % 2)).unwrap();
-            (id, Weighted::new(Instant(id), weight))
-        });
-        let mut balance = BalanceLayer::new(LeastConnections::weighted())
-            .weighted()
-            .layer(discover::fixed(endpoints));
-        for _ in 0..100 {
-            one_request(&mut balance, &mut cx);
-        }
-        COUNTING.with(|c| c.set(true));
-        for _ in 0..10_000 {
-            one_request(&mut balance, &mut cx);
-        }
-        COUNTING.with(|c| c.set(false));
-        assert_eq!(ALLOCATIONS.with(std::cell::Cell::get), 0, "n = {n}");
-        assert_eq!(balance.stats().picks(), 10_100);
     }
 }
