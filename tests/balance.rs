@@ -442,3 +442,18 @@ fn a_long_fixed_list_is_in_the_table_right_after_construction() {
     );
     assert_eq!(balance.stats().available(), 5000);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_fresh_clone_per_request_still_rotates_exactly() {
+    // The pattern of servers that clone their state per request (axum's `State`).
+    let balance = Balance::new(
+        discover::fixed((0..3).map(|id| (id, Echo(id)))),
+        RoundRobin::new(),
+    );
+    let mut counts = HashMap::new();
+    for _ in 0..30 {
+        let answer = balance.clone().oneshot(()).await.unwrap();
+        *counts.entry(answer).or_insert(0) += 1;
+    }
+    assert_eq!(counts, HashMap::from([(0, 10), (1, 10), (2, 10)]));
+}

@@ -218,6 +218,10 @@ where
             discovery_ended: AtomicBool::new(false),
             panicking: AtomicBool::new(false),
             clones: AtomicU64::new(0),
+            rotation_base: match config.seed {
+                Some(seed) => crate::key::mix64(seed) >> 1,
+                None => crate::rng::FastRng::new().next_u64() >> 1,
+            },
         });
         let mut driver = Driver::new(
             discover,

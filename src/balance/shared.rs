@@ -219,8 +219,11 @@ pub(crate) struct Shared<K, S, P, Kx> {
     pub(crate) discovery_ended: AtomicBool,
     /// Whether the last table was built in panic mode.
     pub(crate) panicking: AtomicBool,
-    /// Clones made so far, to seed each one's generator differently.
+    /// Clones made so far, to seed each one's generator differently and to start its
+    /// rotation one step after the previous clone's.
     pub(crate) clones: AtomicU64,
+    /// Where the first clone's rotation starts: random per balancer (or from the seed).
+    pub(crate) rotation_base: u64,
 }
 
 impl<K, S, P, Kx> Shared<K, S, P, Kx> {
@@ -251,12 +254,17 @@ impl<K, S, P, Kx> Shared<K, S, P, Kx> {
     /// number, or from per-process randomness.
     pub(crate) fn local_state(&self) -> LocalState {
         let clone = self.clones.fetch_add(1, Ordering::Relaxed);
-        match self.config.seed {
+        let mut local = match self.config.seed {
             Some(seed) => LocalState::with_rng(FastRng::seeded(crate::key::mix64(
                 seed ^ clone.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ))),
             None => LocalState::new(),
-        }
+        };
+        // Clones start their rotations where the previous clone did, one further on: a
+        // service that clones the balancer per request (axum's `State`, say) still rotates
+        // exactly, and long-lived clones start spread out.
+        local.cursor = clone.wrapping_add(self.rotation_base);
+        local
     }
 
     pub(crate) fn stats(&self) -> Stats<K>

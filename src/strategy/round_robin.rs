@@ -4,9 +4,10 @@ use super::{Endpoints, PickContext, Picker, Strategy};
 
 /// Sends requests to each endpoint in turn, ignoring weights and load.
 ///
-/// Each clone of the balancer rotates with its own cursor, starting at a random position, so
-/// clones on different threads never contend on a shared counter and do not all start on the
-/// first endpoint. Over any run of `n` picks a clone visits each of `n` ready endpoints once;
+/// Each clone of the balancer rotates with its own cursor, so clones on different threads
+/// never contend on a shared counter. A new clone starts one step after the previous clone's
+/// start (from a random position per balancer), so a server that clones the balancer for
+/// every request still rotates exactly, and long-lived clones start spread out. Over any run of `n` picks a clone visits each of `n` ready endpoints once;
 /// an endpoint that is not ready is skipped for the next one in the rotation.
 ///
 /// Pick cost: O(1), no atomic operation.
