@@ -1,0 +1,179 @@
+//! A reverse proxy on axum and hyper-util, balancing with tower-lb.
+//!
+//! ```text
+//! cargo run --example proxy --features http
+//! cargo run --example proxy --features http -- \
+//!     --listen 127.0.0.1:8080 --backend 127.0.0.1:8081=3 --backend 127.0.0.1:8082 \
+//!     --strategy round-robin --admin /_lb/stats
+//! ```
+//!
+//! With no `--backend` it starts three demo backends on loopback (fast, medium, slow) and
+//! prints curl lines to try. Bodies stream both ways; hop-by-hop headers are dropped;
+//! `X-Forwarded-For` and `Forwarded` get the client appended; a failed backend answers 502 and
+//! is ejected after 5 failures in a row (passive outlier detection); with no backend left the
+//! proxy answers 503; `GET /_lb/stats` shows the balancer's counters as JSON. Ctrl-C stops
+//! accepting and lets requests in progress finish.
+
+mod app;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use app::{Backend, Config, StrategySpec};
+
+fn usage() -> String {
+    let strategies: Vec<String> = app::STRATEGIES
+        .iter()
+        .map(|(name, what)| format!("    {name:<28} {what}"))
+        .collect();
+    format!(
+        "usage: proxy [--listen ADDR] [--backend ADDR[=WEIGHT]]... [--strategy NAME] [--admin PATH]
+
+  --listen ADDR            where to listen (default 127.0.0.1:8080)
+  --backend ADDR[=WEIGHT]  a backend (repeatable); none: three demo backends on loopback
+  --strategy NAME          how to spread requests (default round-robin):
+{}
+                           KEY is ip, header:NAME, cookie:NAME or path
+  --admin PATH             where to serve the stats as JSON (default /_lb/stats)",
+        strategies.join("\n")
+    )
+}
+
+/// What the command line asked for.
+struct Args {
+    listen: SocketAddr,
+    config: Config,
+}
+
+/// Parses the command line (`--flag value` or `--flag=value`).
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut listen: SocketAddr = "127.0.0.1:8080".parse().expect("a socket address");
+    let mut config = Config::new(Vec::new());
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg, None),
+        };
+        if flag == "--help" || flag == "-h" {
+            return Err(String::new());
+        }
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--listen" => {
+                let addr = value()?;
+                listen = addr
+                    .parse()
+                    .map_err(|_| format!("--listen {addr:?} is not an ip:port address"))?;
+            }
+            "--backend" => {
+                let backend = Backend::parse(&value()?)?;
+                if config.backends.iter().any(|b| b.addr == backend.addr) {
+                    return Err(format!("backend {} is given twice", backend.addr));
+                }
+                config.backends.push(backend);
+            }
+            "--strategy" => config.strategy = StrategySpec::parse(&value()?)?,
+            "--admin" => {
+                let path = value()?;
+                app::check_admin_path(&path)?;
+                config.admin_path = path;
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Args { listen, config })
+}
+
+/// Starts three demo backends on loopback that answer after different delays.
+async fn start_demo_backends() -> std::io::Result<Vec<Backend>> {
+    let mut backends = Vec::new();
+    for (name, delay) in [("fast", 1), ("medium", 10), ("slow", 50)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let answer = move |request: axum::extract::Request| async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Ok::<_, Infallible>(format!(
+                "{name} backend ({addr}, {delay} ms) got {} {}\n",
+                request.method(),
+                request.uri()
+            ))
+        };
+        let service = tower::service_fn(answer);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, axum::Router::new().fallback_service(service)).await;
+        });
+        backends.push(Backend {
+            addr,
+            weight: tower_lb::Weight::ONE,
+        });
+    }
+    Ok(backends)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let Args { listen, mut config } = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(problem) => {
+            if !problem.is_empty() {
+                eprintln!("error: {problem}\n");
+            }
+            eprintln!("{}", usage());
+            return if problem.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    if config.backends.is_empty() {
+        match start_demo_backends().await {
+            Ok(backends) => config.backends = backends,
+            Err(error) => {
+                eprintln!("error: cannot start the demo backends: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+        println!("no --backend given: started three demo backends (1 ms, 10 ms, 50 ms)");
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("error: cannot listen on {listen}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    println!(
+        "tower-lb proxy on http://{listen} ({} over {} backends)",
+        config.strategy.name(),
+        config.backends.len()
+    );
+    for backend in &config.backends {
+        println!("  backend {} (weight {})", backend.addr, backend.weight);
+    }
+    println!("try:");
+    println!("  curl -s http://{listen}/hello");
+    println!("  for i in $(seq 9); do curl -s http://{listen}/; done");
+    println!("  curl -s http://{listen}{}", config.admin_path);
+    println!("Ctrl-C stops it (requests in progress finish).");
+
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: finishing requests in progress");
+    };
+    if let Err(error) = app::serve(listener, &config, shutdown).await {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
