@@ -300,10 +300,10 @@ pub(crate) fn build_app(config: &Config) -> Router {
 /// progress (graceful shutdown).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    config: &Config,
+    config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = build_app(config);
+    let app = build_app(&config);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -1,0 +1,722 @@
+//! End-to-end tests of the reverse proxy example (`examples/proxy`): real HTTP backends, the
+//! proxy and a client, all on loopback in this process. The proxy's code is the example's
+//! own `app.rs` and `cli.rs`, included below.
+#![cfg(feature = "http")]
+
+#[path = "../examples/proxy/app.rs"]
+#[allow(dead_code)]
+mod app;
+#[path = "../examples/proxy/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use app::{Backend, Config, StrategySpec};
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::timeout;
+use tower_lb::health::OutlierDetection;
+use tower_lb::Weight;
+
+/// How long any single step may take before the test fails instead of hanging.
+const STEP: Duration = Duration::from_secs(10);
+
+/// Runs `future`, failing the test if it takes longer than [`STEP`].
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    timeout(STEP, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A real HTTP/1.1 server on loopback. Stopping it closes its listener and every connection.
+struct TestBackend {
+    addr: SocketAddr,
+    server: JoinHandle<()>,
+}
+
+impl TestBackend {
+    async fn start<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            // Owned by this task, so aborting it drops (and aborts) every connection.
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let response = handler(request);
+                        async move { Ok::<_, Infallible>(response.await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Self { addr, server }
+    }
+
+    /// A backend that answers its name, then one `name: value` line per header it received.
+    async fn echo(name: &'static str) -> Self {
+        Self::start(move |request: Request<Incoming>| async move {
+            let mut body = format!("{name}\n");
+            for (header, value) in request.headers() {
+                body.push_str(&format!("{header}: {}\n", value.to_str().unwrap()));
+            }
+            Response::new(Body::from(body))
+        })
+        .await
+    }
+
+    fn backend(&self) -> Backend {
+        self.weighted(1)
+    }
+
+    fn weighted(&self, weight: u32) -> Backend {
+        Backend {
+            addr: self.addr,
+            weight: Weight::new(weight).unwrap(),
+        }
+    }
+
+    async fn stop(self) {
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+/// An echo backend's answer.
+struct Echo {
+    backend: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Echo {
+    fn parse(body: &str) -> Self {
+        let mut lines = body.lines();
+        let backend = lines.next().unwrap_or_default().to_owned();
+        let headers = lines
+            .filter_map(|line| line.split_once(": "))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        Self { backend, headers }
+    }
+
+    fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// The proxy, serving on loopback until [`Proxy::shut_down`].
+struct Proxy {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Proxy {
+    async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, signal) = oneshot::channel();
+        let server = tokio::spawn(app::serve(listener, config, async {
+            let _ = signal.await;
+        }));
+        Self {
+            addr,
+            shutdown: Some(shutdown),
+            server,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The admin stats page, parsed.
+    async fn stats(&self) -> serde_json::Value {
+        let (status, _, body) = send(
+            Request::get(self.url("/_lb/stats"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Picks per backend address, from the admin stats.
+    async fn picks(&self) -> HashMap<String, u64> {
+        let stats = self.stats().await;
+        stats["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap().to_owned(),
+                    b["picks"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends `request` and reads the whole answer.
+async fn send(request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+    within("a request through the proxy", async {
+        let response = client().request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    })
+    .await
+}
+
+/// `GET path` through the proxy; returns the status and the body.
+async fn get(proxy: &Proxy, path: &str) -> (StatusCode, String) {
+    let (status, _, body) = send(Request::get(proxy.url(path)).body(Body::empty()).unwrap()).await;
+    (status, body)
+}
+
+/// Sends `n` GETs one after another; returns how many each backend answered.
+async fn shares(proxy: &Proxy, n: usize) -> HashMap<String, usize> {
+    let mut shares = HashMap::new();
+    for _ in 0..n {
+        let (status, body) = get(proxy, "/").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        *shares.entry(Echo::parse(&body).backend).or_insert(0) += 1;
+    }
+    shares
+}
+
+/// How many long-lived balancer clones the proxy lends to requests (one per core); each
+/// rotates on its own, so round-robin shares are exact up to one request per clone.
+fn clones() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[tokio::test]
+async fn round_robin_gives_every_backend_an_equal_share() {
+    let backends = [
+        TestBackend::echo("a").await,
+        TestBackend::echo("b").await,
+        TestBackend::echo("c").await,
+    ];
+    let proxy = Proxy::start(Config::new(backends.iter().map(|b| b.backend()).collect())).await;
+
+    let shares = shares(&proxy, 300).await;
+    for name in ["a", "b", "c"] {
+        let share = shares.get(name).copied().unwrap_or(0);
+        assert!(
+            share.abs_diff(100) <= clones(),
+            "backend {name} answered {share} of 300: {shares:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dead_backend_costs_a_few_502s_then_is_ejected() {
+    let a = TestBackend::echo("a").await;
+    let b = TestBackend::echo("b").await;
+    let c = TestBackend::echo("c").await;
+    let b_addr = b.addr.to_string();
+    let mut config = Config::new(vec![a.backend(), b.backend(), c.backend()]);
+    config.outlier = OutlierDetection::new().consecutive_failures(3).unwrap();
+    let proxy = Proxy::start(config).await;
+    assert_eq!(
+        shares(&proxy, 30).await.len(),
+        3,
+        "all three answer at first"
+    );
+
+    b.stop().await;
+    let mut bad_gateways = 0;
+    for _ in 0..60 {
+        let (status, body) = get(&proxy, "/").await;
+        match status {
+            StatusCode::OK => assert_ne!(Echo::parse(&body).backend, "b"),
+            StatusCode::BAD_GATEWAY => {
+                assert!(
+                    body.starts_with("502 Bad Gateway: the backend failed"),
+                    "{body}"
+                );
+                bad_gateways += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        (1..=3).contains(&bad_gateways),
+        "the dead backend fails at most 3 requests (the ejection threshold), got {bad_gateways}"
+    );
+
+    let stats = proxy.stats().await;
+    let dead = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|backend| backend["address"] == b_addr.as_str())
+        .expect("the dead backend is listed");
+    assert_eq!(dead["status"], "ejected", "{stats:#}");
+    assert_eq!(dead["ejections"], 1);
+    assert_eq!(dead["failures"], bad_gateways);
+    assert_eq!(stats["available"], 2);
+
+    let after = shares(&proxy, 30).await;
+    assert_eq!(
+        after.values().sum::<usize>(),
+        30,
+        "every request succeeds on the others"
+    );
+    assert!(!after.contains_key("b"));
+}
+
+#[tokio::test]
+async fn no_backend_answers_503_with_a_clear_body() {
+    let proxy = Proxy::start(Config::new(Vec::new())).await;
+    let (status, body) = get(&proxy, "/anything").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "503 Service Unavailable: no backend is available\n");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded_either_way() {
+    let backend = TestBackend::start(|request: Request<Incoming>| async move {
+        let mut body = String::from("private\n");
+        for (header, value) in request.headers() {
+            body.push_str(&format!("{header}: {}\n", value.to_str().unwrap()));
+        }
+        Response::builder()
+            .header("connection", "x-backend-private")
+            .header("x-backend-private", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic")
+            .header("x-backend-public", "1")
+            .body(Body::from(body))
+            .unwrap()
+    })
+    .await;
+    let proxy = Proxy::start(Config::new(vec![backend.backend()])).await;
+
+    let request = Request::get(proxy.url("/"))
+        .header("connection", "keep-alive, x-hop")
+        .header("keep-alive", "timeout=5")
+        .header("x-hop", "for the next hop only")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("te", "trailers")
+        .header("trailer", "x-checksum")
+        .header("upgrade", "websocket")
+        .header("x-end-to-end", "kept")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = send(request).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let echo = Echo::parse(&body);
+    for hop in [
+        "connection",
+        "keep-alive",
+        "x-hop",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        assert!(echo.header(hop).is_empty(), "{hop} was forwarded: {body}");
+    }
+    assert_eq!(echo.header("x-end-to-end"), ["kept"]);
+
+    for hop in ["x-backend-private", "keep-alive", "proxy-authenticate"] {
+        assert!(!headers.contains_key(hop), "{hop} came back: {headers:?}");
+    }
+    assert_eq!(headers["x-backend-public"], "1");
+}
+
+#[test]
+fn every_hop_by_hop_header_and_every_header_named_in_connection_is_removed() {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("connection", "close, X-Named-A"),
+        ("connection", "x-named-b"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-authenticate", "Basic"),
+        ("proxy-authorization", "Basic c2VjcmV0"),
+        ("te", "trailers"),
+        ("trailer", "x-checksum"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "h2c"),
+        ("x-named-a", "1"),
+        ("x-named-b", "2"),
+        ("x-end-to-end", "3"),
+    ] {
+        headers.append(name, value.parse().unwrap());
+    }
+    app::remove_hop_by_hop_headers(&mut headers);
+    let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+    assert_eq!(left, ["x-end-to-end"]);
+}
+
+#[tokio::test]
+async fn forwarding_headers_keep_earlier_hops_and_append_the_client() {
+    let backend = TestBackend::echo("a").await;
+    let proxy = Proxy::start(Config::new(vec![backend.backend()])).await;
+
+    let request = Request::get(proxy.url("/"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-for", "198.51.100.2")
+        .header("forwarded", "for=203.0.113.7;proto=https")
+        .body(Body::empty())
+        .unwrap();
+    let (_, _, body) = send(request).await;
+    let echo = Echo::parse(&body);
+    assert_eq!(
+        echo.header("x-forwarded-for"),
+        ["203.0.113.7, 198.51.100.2, 127.0.0.1"]
+    );
+    let host = proxy.addr.to_string();
+    assert_eq!(
+        echo.header("forwarded"),
+        [format!(
+            "for=203.0.113.7;proto=https, for=127.0.0.1;proto=http;host=\"{host}\""
+        )]
+    );
+    assert_eq!(
+        echo.header("host"),
+        [host.as_str()],
+        "the client's Host is kept"
+    );
+
+    let (_, body) = get(&proxy, "/").await;
+    assert_eq!(Echo::parse(&body).header("x-forwarded-for"), ["127.0.0.1"]);
+}
+
+const CHUNK_SIZE: usize = 64 * 1024;
+static CHUNK: [u8; CHUNK_SIZE] = [7; CHUNK_SIZE];
+/// 64 MiB: a body far larger than any buffer on the way.
+const LARGE: usize = 64 * 1024 * 1024;
+
+/// The process's peak resident memory, where the OS tells it (Linux).
+fn peak_memory() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn assert_not_buffered_whole(peak_before: Option<usize>) {
+    if let (Some(before), Some(after)) = (peak_before, peak_memory()) {
+        assert!(
+            after.saturating_sub(before) < LARGE / 2,
+            "peak memory grew by {} MiB while 64 MiB streamed",
+            (after - before) >> 20
+        );
+    }
+}
+
+/// A body fed chunk by chunk through `chunks`.
+fn channel_body(chunks: mpsc::Receiver<Bytes>) -> Body {
+    Body::from_stream(futures::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = chunks.recv().await?;
+        Some((Ok::<_, Infallible>(chunk), chunks))
+    }))
+}
+
+#[tokio::test]
+async fn a_large_request_body_streams_to_the_backend_before_the_client_has_sent_it_all() {
+    let peak_before = peak_memory();
+    // The backend reports how many bytes it had when its first data arrived, and answers the
+    // total it counted.
+    let (first_data_tx, mut first_data) = mpsc::unbounded_channel();
+    let backend = TestBackend::start(move |request: Request<Incoming>| {
+        let first_data_tx = first_data_tx.clone();
+        async move {
+            let mut body = request.into_body();
+            let mut received = 0;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    if received == 0 {
+                        let _ = first_data_tx.send(data.len());
+                    }
+                    received += data.len();
+                }
+            }
+            Response::new(Body::from(received.to_string()))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(Config::new(vec![backend.backend()])).await;
+
+    let (chunks, rx) = mpsc::channel(4);
+    let request = Request::post(proxy.url("/upload"))
+        .body(channel_body(rx))
+        .unwrap();
+    let response = tokio::spawn(client().request(request));
+
+    chunks.send(Bytes::from_static(&CHUNK)).await.unwrap();
+    let first = within(
+        "the backend receiving data while the client has sent only 64 KiB",
+        first_data.recv(),
+    )
+    .await
+    .unwrap();
+    assert!(first > 0 && first <= CHUNK_SIZE);
+
+    within("sending the rest", async {
+        for _ in 1..LARGE / CHUNK_SIZE {
+            chunks.send(Bytes::from_static(&CHUNK)).await.unwrap();
+        }
+    })
+    .await;
+    drop(chunks);
+    let response = within("the backend's answer", response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, LARGE.to_string(), "every byte arrived");
+    assert_not_buffered_whole(peak_before);
+}
+
+#[tokio::test]
+async fn a_large_response_streams_to_the_client_and_counts_in_flight_until_it_ends() {
+    let peak_before = peak_memory();
+    let (chunks, rx) = mpsc::channel(4);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let backend = TestBackend::start(move |_: Request<Incoming>| {
+        let rx = rx.lock().unwrap().take().expect("one request");
+        async move { Response::new(channel_body(rx)) }
+    })
+    .await;
+    let backend_addr = backend.addr.to_string();
+    let proxy = Proxy::start(Config::new(vec![backend.backend()])).await;
+
+    let response = within(
+        "the response head",
+        client().request(
+            Request::get(proxy.url("/download"))
+                .body(Body::empty())
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+
+    chunks.send(Bytes::from_static(&CHUNK)).await.unwrap();
+    let first = within(
+        "the client receiving data while the backend has sent only 64 KiB",
+        body.frame(),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_data()
+    .unwrap();
+    let mut received = first.len();
+    assert!(received > 0);
+
+    let stats = proxy.stats().await;
+    assert_eq!(
+        stats["in_flight"], 1,
+        "a streaming response is in flight: {stats:#}"
+    );
+    assert_eq!(stats["backends"][0]["address"], backend_addr.as_str());
+    assert_eq!(stats["backends"][0]["in_flight"], 1);
+
+    let sender = tokio::spawn(async move {
+        for _ in 1..LARGE / CHUNK_SIZE {
+            chunks.send(Bytes::from_static(&CHUNK)).await.unwrap();
+        }
+    });
+    within("the rest of the body", async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                received += data.len();
+            }
+        }
+    })
+    .await;
+    sender.await.unwrap();
+    assert_eq!(received, LARGE, "every byte arrived");
+
+    let stats = proxy.stats().await;
+    assert_eq!(
+        stats["in_flight"], 0,
+        "released at the end of the body: {stats:#}"
+    );
+    assert_eq!(stats["backends"][0]["picks"], 1);
+    assert_not_buffered_whole(peak_before);
+}
+
+#[tokio::test]
+async fn admin_stats_list_every_backend_with_its_counters() {
+    let a = TestBackend::echo("a").await;
+    let b = TestBackend::echo("b").await;
+    let proxy = Proxy::start(Config::new(vec![a.backend(), b.weighted(3)])).await;
+    let answered = shares(&proxy, 10).await;
+
+    let stats = proxy.stats().await;
+    assert_eq!(stats["strategy"], "round-robin");
+    assert_eq!(stats["picks"], 10);
+    assert_eq!(stats["in_flight"], 0);
+    assert_eq!(stats["available"], 2);
+    let backends = stats["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    for (backend, name, weight) in [(&a, "a", 1), (&b, "b", 3)] {
+        let listed = backends
+            .iter()
+            .find(|l| l["address"] == backend.addr.to_string().as_str())
+            .unwrap_or_else(|| panic!("{name} is listed: {stats:#}"));
+        assert_eq!(listed["picks"], answered[name] as u64);
+        assert_eq!(listed["in_flight"], 0);
+        assert_eq!(listed["weight"], weight);
+        assert_eq!(listed["status"], "active");
+        assert_eq!(listed["failures"], 0);
+    }
+    assert_eq!(proxy.picks().await.values().sum::<u64>(), 10);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_request_in_progress_and_stops_listening() {
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (release_tx, release) = oneshot::channel::<()>();
+    let release = Arc::new(Mutex::new(Some(release)));
+    let backend = TestBackend::start(move |_: Request<Incoming>| {
+        let arrived_tx = arrived_tx.clone();
+        let release = release.lock().unwrap().take();
+        async move {
+            let _ = arrived_tx.send(());
+            if let Some(release) = release {
+                let _ = release.await;
+            }
+            Response::new(Body::from("finished"))
+        }
+    })
+    .await;
+    let mut proxy = Proxy::start(Config::new(vec![backend.backend()])).await;
+    let url = proxy.url("/slow");
+    let request =
+        tokio::spawn(async move { send(Request::get(url).body(Body::empty()).unwrap()).await });
+    within("the request reaching the backend", arrived.recv()).await;
+
+    proxy.shutdown.take().unwrap().send(()).unwrap();
+    // A short, bounded wait: the proxy must still be serving the request in progress.
+    assert!(
+        timeout(Duration::from_millis(200), &mut proxy.server)
+            .await
+            .is_err(),
+        "the proxy stopped with a request in progress"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
+        "no new connections once shutting down"
+    );
+
+    release_tx.send(()).unwrap();
+    let (status, _, body) = within("the request in progress", request).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "finished"));
+    within("the proxy to stop", &mut proxy.server)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn the_command_line_is_parsed_and_mistakes_are_explained() {
+    let parse = |args: &[&str]| cli::parse_args(args.iter().map(|a| a.to_string()));
+
+    let defaults = parse(&[]).unwrap();
+    assert_eq!(defaults.listen, "127.0.0.1:8080".parse().unwrap());
+    assert!(
+        defaults.config.backends.is_empty(),
+        "none: the demo backends"
+    );
+    assert_eq!(defaults.config.strategy.name(), "round-robin");
+    assert_eq!(defaults.config.admin_path, "/_lb/stats");
+
+    let args = parse(&[
+        "--listen=0.0.0.0:9000",
+        "--backend",
+        "127.0.0.1:8081=3",
+        "--backend",
+        "[::1]:8082",
+        "--admin",
+        "/stats",
+    ])
+    .unwrap();
+    assert_eq!(args.listen, "0.0.0.0:9000".parse().unwrap());
+    assert_eq!(
+        args.config.backends,
+        [
+            Backend {
+                addr: "127.0.0.1:8081".parse().unwrap(),
+                weight: Weight::new(3).unwrap()
+            },
+            Backend {
+                addr: "[::1]:8082".parse().unwrap(),
+                weight: Weight::ONE
+            },
+        ]
+    );
+    assert_eq!(args.config.admin_path, "/stats");
+
+    let error = |args: &[&str]| parse(args).err().unwrap();
+    let unknown = error(&["--strategy", "fastest"]);
+    assert!(
+        unknown.contains("unknown strategy \"fastest\""),
+        "{unknown}"
+    );
+    for (name, _) in app::STRATEGIES {
+        assert!(unknown.contains(name), "{name} is listed: {unknown}");
+    }
+    assert!(error(&["--backend", "127.0.0.1:1=0"]).contains("0 is not a weight"));
+    assert!(error(&["--backend", "127.0.0.1:1=x"]).contains("not a number"));
+    assert!(error(&["--backend", "nowhere"]).contains("not a host:port address"));
+    assert!(error(&["--backend", "127.0.0.1:1", "--backend", "127.0.0.1:1"]).contains("twice"));
+    assert!(error(&["--listen", "localhost"]).contains("not an ip:port"));
+    assert!(error(&["--admin", "stats"]).contains("must start with '/'"));
+    assert!(error(&["--admin", "/{id}"]).contains("must start with '/'"));
+    assert!(error(&["--strategy"]).contains("needs a value"));
+    assert!(error(&["--bogus"]).contains("unknown argument"));
+    assert_eq!(error(&["--help"]), "", "asks for the help text");
+    assert!(StrategySpec::parse("round-robin").is_ok());
+}
