@@ -80,6 +80,8 @@ pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 mod key;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod rng;
 mod stats;
 pub mod strategy;

@@ -238,3 +238,21 @@ async fn a_keyed_strategy_picks_by_the_request_key_and_waits_for_its_endpoint() 
     assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
     assert_eq!(balance.stats().in_flight(), 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_seed_makes_clones_reproducible() {
+    let run = |seed| async move {
+        let endpoints = (0..16).map(|id| (id, Echo(id)));
+        let balance = BalanceLayer::new(RoundRobin::new())
+            .seed(seed)
+            .layer(discover::fixed(endpoints));
+        let mut firsts = Vec::new();
+        for _ in 0..8 {
+            let mut clone = balance.clone();
+            firsts.push(send(&mut clone).await);
+        }
+        firsts
+    };
+    assert_eq!(run(7).await, run(7).await, "the same seed, the same starts");
+    assert_ne!(run(7).await, run(8).await, "another seed, other starts");
+}

@@ -27,7 +27,7 @@ pub(crate) fn ours<St>(strategy: St) -> MakeBalancer
 where
     St: Strategy + Clone,
 {
-    Box::new(move |backends, _seed| {
+    Box::new(move |backends, seed| {
         let endpoints = backends
             .into_iter()
             .enumerate()
@@ -37,6 +37,7 @@ where
             });
         let layer = BalanceLayer::new(strategy.clone())
             .weighted()
+            .seed(seed)
             // Discovery runs in a task: let the first request wait for the endpoints.
             .wait_for_endpoints(Duration::from_secs(1))
             .expect("a bounded wait");

@@ -131,6 +131,15 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
         self
     }
 
+    /// Seeds the random choices of every clone (rotation starts, sampling) so that a run can
+    /// be reproduced, e.g. in simulations; clone `i` of the balancer always gets the same
+    /// generator. By default each process and clone draws fresh randomness. This does not
+    /// affect consistent hashing, which is deterministic anyway.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = Some(seed);
+        self
+    }
+
     /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing).
     /// Unkeyed strategies ignore it.
     pub fn key<K>(self, key: K) -> BalanceLayer<St, K, W, C> {

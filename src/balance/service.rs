@@ -117,7 +117,7 @@ impl Waiting {
 }
 
 impl<S: Clone, P> Local<S, P> {
-    fn new() -> Self {
+    fn new(pick: LocalState) -> Self {
         Self {
             version: u64::MAX,
             snapshot: None,
@@ -125,7 +125,7 @@ impl<S: Clone, P> Local<S, P> {
             dead: Vec::new(),
             reserved: Reserved::None,
             picked_at: 0,
-            pick: LocalState::new(),
+            pick,
             wait: None,
         }
     }
@@ -215,6 +215,7 @@ where
             discovery_errors: AtomicU64::new(0),
             discovery_ended: AtomicBool::new(false),
             panicking: AtomicBool::new(false),
+            clones: AtomicU64::new(0),
         });
         let mut driver = Driver::new(
             discover,
@@ -231,9 +232,10 @@ where
         *lock(&shared.unspawned) = Some(Box::pin(driver));
         // Start discovery now if a runtime is current; otherwise at the first poll_ready.
         let _ = shared.spawn_driver();
+        let pick = shared.local_state();
         Self {
             shared,
-            local: Local::new(),
+            local: Local::new(pick),
             completion,
             _discover: PhantomData,
         }
@@ -522,7 +524,7 @@ where
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
-            local: Local::new(),
+            local: Local::new(self.shared.local_state()),
             completion: self.completion.clone(),
             _discover: PhantomData,
         }

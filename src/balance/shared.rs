@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, Notify};
 use crate::endpoint::EndpointHandle;
 use crate::error::Error;
 use crate::health::{OutlierDetection, SlowStart};
+use crate::rng::FastRng;
 use crate::stats::{EndpointStats, EndpointStatus, Stats};
+use crate::strategy::LocalState;
 use crate::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::table::Published;
 
@@ -25,6 +27,8 @@ pub(crate) struct Config {
     /// Below this share of available endpoints, ejected ones are used too; 0 disables it.
     pub(crate) panic_threshold: f64,
     pub(crate) slow_start: Option<SlowStart>,
+    /// Seeds the clones' random generators, for reproducible runs.
+    pub(crate) seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -34,6 +38,7 @@ impl Default for Config {
             outlier: None,
             panic_threshold: 0.5,
             slow_start: None,
+            seed: None,
         }
     }
 }
@@ -210,6 +215,8 @@ pub(crate) struct Shared<K, S, P, Kx> {
     pub(crate) discovery_ended: AtomicBool,
     /// Whether the last table was built in panic mode.
     pub(crate) panicking: AtomicBool,
+    /// Clones made so far, to seed each one's generator differently.
+    pub(crate) clones: AtomicU64,
 }
 
 impl<K, S, P, Kx> Shared<K, S, P, Kx> {
@@ -234,6 +241,18 @@ impl<K, S, P, Kx> Shared<K, S, P, Kx> {
         }
         self.spawned.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// The picking state of a new clone: seeded from the configured seed and the clone's
+    /// number, or from per-process randomness.
+    pub(crate) fn local_state(&self) -> LocalState {
+        let clone = self.clones.fetch_add(1, Ordering::Relaxed);
+        match self.config.seed {
+            Some(seed) => LocalState::with_rng(FastRng::seeded(crate::key::mix64(
+                seed ^ clone.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ))),
+            None => LocalState::new(),
+        }
     }
 
     pub(crate) fn stats(&self) -> Stats<K>

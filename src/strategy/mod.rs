@@ -208,7 +208,10 @@ pub(crate) struct LocalState {
 
 impl LocalState {
     pub(crate) fn new() -> Self {
-        let mut rng = FastRng::new();
+        Self::with_rng(FastRng::new())
+    }
+
+    pub(crate) fn with_rng(mut rng: FastRng) -> Self {
         Self {
             cursor: rng.next_u64() >> 1,
             rng,
