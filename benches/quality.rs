@@ -42,13 +42,22 @@ fn contenders() -> Vec<(&'static str, MakeBalancer)> {
     vec![
         ("round-robin", ours(tower_lb::RoundRobin::new())),
         // ---- Strategies landing from their own branches: uncomment when merged. ----
-        // ("weighted-rr", ours(tower_lb::strategy::WeightedRoundRobin::new())),
+        (
+            "weighted-rr",
+            ours(tower_lb::strategy::WeightedRoundRobin::new()),
+        ),
         // ("least-conn", ours(tower_lb::strategy::LeastConnections::new())),
         // ("least-conn-weighted", ours(tower_lb::strategy::LeastConnections::weighted())),
-        // ("p2c", ours(tower_lb::strategy::PowerOfTwoChoices::new())),
-        // ("p2c-peak-ewma", ours(tower_lb::strategy::PowerOfTwoChoices::peak_ewma())),
-        // ("random", ours(tower_lb::strategy::Random::new())),
-        // ("random-weighted", ours(tower_lb::strategy::Random::weighted())),
+        ("p2c", ours(tower_lb::strategy::PowerOfTwoChoices::new())),
+        (
+            "p2c-peak-ewma",
+            ours(tower_lb::strategy::PowerOfTwoChoices::peak_ewma()),
+        ),
+        ("random", ours(tower_lb::strategy::Random::new())),
+        (
+            "random-weighted",
+            ours(tower_lb::strategy::Random::weighted()),
+        ),
         // ---- tower's own balancer, for reference (no weights). ----
         ("tower-p2c-pending", tower_p2c_pending()),
         ("tower-p2c-peak-ewma", tower_p2c_peak_ewma()),

@@ -30,6 +30,22 @@ pin_project! {
         latency: Option<LatencyProbe>,
         completion: C,
     }
+
+    impl<S, Req, C> PinnedDrop for ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped unfinished (a client timeout, say): the endpoint took at least this long.
+            // PeakEWMA takes the sample as a peak, so an endpoint that hangs stops looking idle
+            // even though none of its requests ever completes.
+            let this = this.project();
+            if let (Some(guard), Some(probe)) = (this.guard.as_ref(), this.latency.as_ref()) {
+                let now = clock::now_ns();
+                guard.record_rtt(now.saturating_sub(probe.start) as f64, now, probe.decay_ns);
+            }
+        }
+    }
 }
 
 /// Measures a response's latency into its endpoint's PeakEWMA estimate.

@@ -48,16 +48,22 @@
 //! }
 //! ```
 
+mod p2c;
+mod random;
 mod round_robin;
 mod swap;
+mod weighted_round_robin;
 
 use std::fmt;
 
 use crate::endpoint::{EndpointHandle, EndpointState};
 use crate::rng::FastRng;
 
+pub use p2c::{PowerOfTwoChoices, PowerOfTwoChoicesPicker};
+pub use random::{Random, RandomPicker};
 pub use round_robin::{RoundRobin, RoundRobinPicker};
 pub use swap::{SwapHandle, Swappable};
+pub use weighted_round_robin::{WeightedRoundRobin, WeightedRoundRobinPicker};
 
 /// A way of choosing endpoints; see the [module docs](self).
 pub trait Strategy: Send + Sync + 'static {

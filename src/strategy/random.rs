@@ -1,0 +1,230 @@
+//! Random: a uniformly random endpoint, or one drawn in proportion to its weight.
+
+use std::fmt;
+
+use super::{Endpoints, PickContext, Picker, Strategy};
+
+/// Sends each request to a random endpoint: uniformly ([`Random::new`]) or in proportion to
+/// the endpoints' weights ([`Random::weighted`]).
+///
+/// Randomness comes from each clone's own fast generator, so picks never contend across
+/// threads. Weighted picks use an alias table (Walker, built with Vose's method in integer
+/// arithmetic, so each endpoint's probability is exactly its weight over the total) that is
+/// built once per endpoint set, off the request path; when all weights are equal the table
+/// is skipped and the pick is uniform.
+///
+/// An endpoint that is not ready when drawn is skipped for another draw.
+///
+/// Pick cost: O(1): one random number, plus one table read when weighted.
+///
+/// ```
+/// use tower_lb::{BalanceLayer, Random};
+///
+/// let uniform = BalanceLayer::new(Random::new());
+/// // Weights from discovery (`Weighted` services) or a `BalanceHandle`.
+/// let by_weight = BalanceLayer::new(Random::weighted()).weighted();
+/// # let _ = (uniform, by_weight);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Random {
+    weighted: bool,
+}
+
+impl Random {
+    /// Every endpoint equally likely, whatever its weight.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Each endpoint chosen with probability its weight over the sum of the weights.
+    pub fn weighted() -> Self {
+        Self { weighted: true }
+    }
+}
+
+/// The picker [`Random`] builds.
+pub struct RandomPicker {
+    /// `None`: uniform.
+    alias: Option<AliasTable>,
+}
+
+/// Walker's alias table: draw a column uniformly, then keep it with probability
+/// `keep / total`, else take its alias.
+struct AliasTable {
+    columns: Box<[Column]>,
+    /// The sum of the weights: each column holds this much probability mass, scaled by `n`.
+    total: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Column {
+    /// Mass of this column's own endpoint, out of `total`.
+    keep: u64,
+    /// The endpoint that takes the rest of the column.
+    alias: u32,
+}
+
+impl AliasTable {
+    /// Vose's method on integers: endpoint `i` has mass `weight_i · n` out of `n · total`,
+    /// split into `n` columns of `total` each.
+    fn new(weights: &[u32]) -> Self {
+        let n = weights.len() as u64;
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let mut mass: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n).collect();
+        let mut columns: Box<[Column]> = (0..weights.len())
+            .map(|i| Column {
+                keep: total,
+                alias: i as u32,
+            })
+            .collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..weights.len()).partition(|&i| mass[i] < total);
+        while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
+            small.pop();
+            // Column `s` keeps its own mass and is topped up from `l`.
+            columns[s] = Column {
+                keep: mass[s],
+                alias: l as u32,
+            };
+            mass[l] -= total - mass[s];
+            if mass[l] < total {
+                large.pop();
+                small.push(l);
+            }
+        }
+        // What is left is exactly full: the unassigned mass always equals `total` per
+        // unassigned column, and integer arithmetic loses nothing, so no column is short.
+        debug_assert!(small.is_empty() && large.iter().all(|&l| mass[l] == total));
+        Self { columns, total }
+    }
+
+    #[inline]
+    fn pick(&self, cx: &mut PickContext<'_>) -> usize {
+        // One random number serves twice: its multiply-shift by `n` picks the column, and the
+        // low half of that product (uniform but for a bias below n/2^64) the coin.
+        let spread = u128::from(cx.random()) * self.columns.len() as u128;
+        let column = (spread >> 64) as usize;
+        let Column { keep, alias } = self.columns[column];
+        let coin = ((u128::from(spread as u64) * u128::from(self.total)) >> 64) as u64;
+        // Branch-free select: the coin is random, so a branch would mispredict half the time.
+        let use_alias = usize::from(coin >= keep).wrapping_neg();
+        column ^ ((column ^ alias as usize) & use_alias)
+    }
+}
+
+impl Strategy for Random {
+    type Picker = RandomPicker;
+
+    fn build(&self, endpoints: &Endpoints<'_>) -> RandomPicker {
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight().max(1)).collect();
+        let uniform = !self.weighted || weights.windows(2).all(|w| w[0] == w[1]);
+        RandomPicker {
+            alias: (!uniform).then(|| AliasTable::new(&weights)),
+        }
+    }
+}
+
+impl Picker for RandomPicker {
+    #[inline]
+    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
+        match &self.alias {
+            Some(table) => Some(table.pick(cx)),
+            None => Some(cx.random_below(endpoints.len())),
+        }
+    }
+}
+
+impl fmt::Debug for RandomPicker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RandomPicker")
+            .field("weighted", &self.alias.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strategy::test_util::{endpoints, picks};
+    use proptest::prelude::{prop, prop_assert, prop_assert_eq, proptest};
+
+    fn counts(strategy: Random, weights: &[u32], n: usize) -> Vec<usize> {
+        let handles = endpoints(weights);
+        let picker = strategy.build(&Endpoints::new(&handles));
+        let mut counts = vec![0; weights.len()];
+        for i in picks(&picker, &handles, n) {
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    /// Each endpoint's share of the alias table's mass, in units of 1/(n·total).
+    fn masses(table: &AliasTable) -> Vec<u64> {
+        let mut mass = vec![0; table.columns.len()];
+        for (i, column) in table.columns.iter().enumerate() {
+            mass[i] += column.keep;
+            mass[column.alias as usize] += table.total - column.keep;
+        }
+        mass
+    }
+
+    #[test]
+    fn uniform_picks_are_even_whatever_the_weights() {
+        // 40,000 picks over 4: 10,000 each, σ ≈ 87; 6σ tolerance.
+        let seen = counts(Random::new(), &[1, 50, 1, 3], 40_000);
+        assert!(
+            seen.iter().all(|&c| (9_480..=10_520).contains(&c)),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn weights_99_to_1_give_99_to_1() {
+        // 100,000 picks: 1,000 expected for the light one, σ ≈ 31.5; 6σ tolerance.
+        let seen = counts(Random::weighted(), &[99, 1], 100_000);
+        assert!((810..=1_190).contains(&seen[1]), "{seen:?}");
+        assert_eq!(seen[0] + seen[1], 100_000);
+    }
+
+    #[test]
+    fn equal_weights_skip_the_table() {
+        let handles = endpoints(&[7, 7, 7]);
+        let picker = Random::weighted().build(&Endpoints::new(&handles));
+        assert!(picker.alias.is_none());
+        assert!(format!("{picker:?}").contains("weighted: false"));
+        let handles = endpoints(&[7, 8]);
+        assert!(Random::weighted()
+            .build(&Endpoints::new(&handles))
+            .alias
+            .is_some());
+        let empty = Random::weighted().build(&Endpoints::new(&[]));
+        assert!(empty.alias.is_none());
+    }
+
+    #[test]
+    fn both_halves_of_a_column_are_used() {
+        // 1:2 → columns {0 keeps 2/3, alias 1} and {1 full}: endpoint 0 only from its keep.
+        let table = AliasTable::new(&[1, 2]);
+        assert_eq!(masses(&table), vec![2, 4]);
+        let seen = counts(Random::weighted(), &[1, 2], 30_000);
+        assert!((9_400..=10_600).contains(&seen[0]), "{seen:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn alias_table_probabilities_are_exactly_weight_over_total(
+            weights in prop::collection::vec(1u32..=1_000_000, 1..200),
+        ) {
+            let table = AliasTable::new(&weights);
+            let n = weights.len() as u64;
+            prop_assert_eq!(table.total, weights.iter().map(|&w| u64::from(w)).sum::<u64>());
+            prop_assert_eq!(table.columns.len(), weights.len());
+            for column in table.columns.iter() {
+                prop_assert!(column.keep <= table.total);
+                prop_assert!((column.alias as usize) < weights.len());
+            }
+            let expected: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n).collect();
+            prop_assert_eq!(masses(&table), expected);
+        }
+    }
+}
