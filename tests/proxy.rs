@@ -251,6 +251,64 @@ async fn round_robin_gives_every_backend_an_equal_share() {
     }
 }
 
+/// A proxy with `strategy` over `backends`.
+async fn proxy_with(strategy: &str, backends: Vec<Backend>) -> Proxy {
+    let mut config = Config::new(backends);
+    config.strategy = StrategySpec::parse(strategy).unwrap();
+    Proxy::start(config).await
+}
+
+#[tokio::test]
+async fn weighted_strategies_give_shares_that_follow_the_weights() {
+    let a = TestBackend::echo("a").await;
+    let b = TestBackend::echo("b").await;
+    let backends = vec![a.weighted(3), b.weighted(1)];
+
+    // Weighted round-robin: exact per cycle of 4, in each clone.
+    let proxy = proxy_with("weighted-round-robin", backends.clone()).await;
+    let wrr = shares(&proxy, 400).await;
+    assert!(wrr["a"].abs_diff(300) <= 3 * clones(), "{wrr:?}");
+    assert!(wrr["b"].abs_diff(100) <= 3 * clones(), "{wrr:?}");
+
+    // Weighted random: 3:1 in expectation; 30 is more than 3 standard deviations (8.7).
+    let proxy = proxy_with("weighted-random", backends).await;
+    let random = shares(&proxy, 400).await;
+    assert!(random["a"].abs_diff(300) <= 30, "{random:?}");
+}
+
+#[tokio::test]
+async fn every_strategy_proxies_requests_to_every_backend() {
+    let backends = [
+        TestBackend::echo("a").await,
+        TestBackend::echo("b").await,
+        TestBackend::echo("c").await,
+    ];
+    for (name, _) in app::STRATEGIES {
+        let strategy = name.replace("KEY", "header:x-user");
+        let proxy = proxy_with(&strategy, backends.iter().map(|b| b.backend()).collect()).await;
+        // Different users, so hashing strategies spread them too.
+        let mut answered = HashMap::new();
+        for user in 0..60 {
+            let request = Request::get(proxy.url("/"))
+                .header("x-user", format!("user-{user}"))
+                .body(Body::empty())
+                .unwrap();
+            let (status, _, body) = send(request).await;
+            assert_eq!(status, StatusCode::OK, "{strategy}: {body}");
+            *answered.entry(Echo::parse(&body).backend).or_insert(0) += 1;
+        }
+        assert_eq!(
+            answered.len(),
+            3,
+            "{strategy} reached every backend: {answered:?}"
+        );
+        let stats = proxy.stats().await;
+        assert_eq!(stats["strategy"], strategy.as_str());
+        assert_eq!(stats["picks"], 60);
+        assert_eq!(stats["in_flight"], 0);
+    }
+}
+
 #[tokio::test]
 async fn a_dead_backend_costs_a_few_502s_then_is_ejected() {
     let a = TestBackend::echo("a").await;

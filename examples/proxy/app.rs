@@ -28,7 +28,7 @@ use tower_lb::http::{connect, ClientIp, CookieKey, HeaderKey, HttpEndpoint, Path
 use tower_lb::http::{TrackBody, TrackedBody};
 use tower_lb::strategy::Swappable;
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, EndpointStatus, KeyHasher};
-use tower_lb::{RequestKey, RoundRobin, Weight};
+use tower_lb::{PowerOfTwoChoices, Random, RequestKey, RoundRobin, Weight, WeightedRoundRobin};
 
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
@@ -88,7 +88,20 @@ impl Backend {
 
 /// The strategies `--strategy` accepts, with what they do. `KEY` is `ip` (the client's IP
 /// address), `header:NAME`, `cookie:NAME` or `path`.
-pub(crate) const STRATEGIES: &[(&str, &str)] = &[("round-robin", "each backend in turn")];
+pub(crate) const STRATEGIES: &[(&str, &str)] = &[
+    ("round-robin", "each backend in turn"),
+    (
+        "weighted-round-robin",
+        "in turn, in proportion to the weights",
+    ),
+    ("random", "uniformly at random"),
+    ("weighted-random", "at random, in proportion to the weights"),
+    ("p2c", "the less busy of two random backends"),
+    (
+        "p2c-peak-ewma",
+        "the faster of two random backends (PeakEWMA)",
+    ),
+];
 
 /// A parsed `--strategy` value: the algorithm, and for hashing strategies what is hashed.
 #[derive(Clone, Debug)]
@@ -101,6 +114,11 @@ pub(crate) struct StrategySpec {
 #[derive(Clone, Copy, Debug)]
 enum Algorithm {
     RoundRobin,
+    WeightedRoundRobin,
+    Random,
+    WeightedRandom,
+    PowerOfTwoChoices,
+    PeakEwma,
 }
 
 impl StrategySpec {
@@ -108,6 +126,11 @@ impl StrategySpec {
     pub(crate) fn parse(name: &str) -> Result<Self, String> {
         let algorithm = match name {
             "round-robin" => Algorithm::RoundRobin,
+            "weighted-round-robin" => Algorithm::WeightedRoundRobin,
+            "random" => Algorithm::Random,
+            "weighted-random" => Algorithm::WeightedRandom,
+            "p2c" => Algorithm::PowerOfTwoChoices,
+            "p2c-peak-ewma" => Algorithm::PeakEwma,
             _ => return Err(unknown_strategy(name)),
         };
         Ok(Self {
@@ -125,6 +148,11 @@ impl StrategySpec {
     fn strategy(&self) -> Swappable {
         match self.algorithm {
             Algorithm::RoundRobin => Swappable::new(RoundRobin::new()),
+            Algorithm::WeightedRoundRobin => Swappable::new(WeightedRoundRobin::new()),
+            Algorithm::Random => Swappable::new(Random::new()),
+            Algorithm::WeightedRandom => Swappable::new(Random::weighted()),
+            Algorithm::PowerOfTwoChoices => Swappable::new(PowerOfTwoChoices::new()),
+            Algorithm::PeakEwma => Swappable::new(PowerOfTwoChoices::peak_ewma()),
         }
     }
 }
