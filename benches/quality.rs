@@ -161,8 +161,8 @@ fn main() {
          {} requests per run, {} seed(s); backends of 4 workers with exponential service \
          (mean 10 ms); open-loop Poisson arrivals. Latency percentiles pool the seeds and rank \
          responses and timeouts; fast errors count in `errors` only. tower's p2c has no \
-         weights. tower's p2c is seeded per run; tower-lb seeds its per-clone generator from \
-         process randomness, so its rows can differ slightly between invocations.\n\n",
+         weights. Every balancer is seeded per run (tower-lb with `BalanceLayer::seed`), so \
+         runs replay identically.\n\n",
         scale.requests, scale.seeds
     );
     let mut all = Vec::new();

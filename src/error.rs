@@ -33,6 +33,9 @@ pub enum Error {
     /// The balancer was built outside a tokio runtime and first used outside one too, so its
     /// background discovery task could not be started.
     NoRuntime,
+    /// A keyed strategy (consistent hashing) got a request without a key (see
+    /// [`RequestKey`](crate::RequestKey)) and its fallback is to fail.
+    MissingKey,
     /// A handle named an endpoint the balancer does not have.
     UnknownEndpoint,
     /// The balancer behind a handle is gone (every clone was dropped).
@@ -49,6 +52,9 @@ impl fmt::Display for Error {
             Error::NoRuntime => {
                 f.write_str("no tokio runtime: the balancer's discovery task needs one to run on")
             }
+            Error::MissingKey => f.write_str(
+                "the request has no key for the consistent-hashing strategy, whose fallback is to fail",
+            ),
             Error::UnknownEndpoint => f.write_str("no endpoint with that key"),
             Error::Closed => f.write_str("the balancer is gone"),
         }

@@ -95,7 +95,10 @@ pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
 pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
-pub use strategy::{PowerOfTwoChoices, Random, RoundRobin, Swappable, WeightedRoundRobin};
+pub use strategy::{
+    ConsistentHash, KeyFallback, PowerOfTwoChoices, Random, RoundRobin, Swappable,
+    WeightedRoundRobin,
+};
 pub use weight::{Weight, Weighted};
 
 /// The README's examples, compiled and run as doc tests.

@@ -235,7 +235,7 @@ async fn a_keyed_strategy_picks_by_the_request_key_and_waits_for_its_endpoint() 
 
     // No key: the picker makes no choice, and the request fails with a typed error.
     let error = balance.ready().await.unwrap().call("").await.unwrap_err();
-    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
+    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::MissingKey));
     assert_eq!(balance.stats().in_flight(), 0);
 }
 

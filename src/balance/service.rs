@@ -495,7 +495,13 @@ where
                         };
                     }
                     _ => {
-                        return ResponseFuture::failed(Error::NoEndpoints, self.completion.clone())
+                        // No choice: for a request without a key, say so.
+                        let error = if key_hash.is_none() {
+                            Error::MissingKey
+                        } else {
+                            Error::NoEndpoints
+                        };
+                        return ResponseFuture::failed(error, self.completion.clone());
                     }
                 }
             }

@@ -48,6 +48,7 @@
 //! }
 //! ```
 
+mod consistent_hash;
 mod p2c;
 mod random;
 mod round_robin;
@@ -59,6 +60,7 @@ use std::fmt;
 use crate::endpoint::{EndpointHandle, EndpointState};
 use crate::rng::FastRng;
 
+pub use consistent_hash::{ConsistentHash, ConsistentHashPicker, KeyFallback};
 pub use p2c::{PowerOfTwoChoices, PowerOfTwoChoicesPicker};
 pub use random::{Random, RandomPicker};
 pub use round_robin::{RoundRobin, RoundRobinPicker};
