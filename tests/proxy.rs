@@ -309,6 +309,167 @@ async fn every_strategy_proxies_requests_to_every_backend() {
     }
 }
 
+/// For each user, the backends that answered its `per_user` requests (by `x-user` header).
+async fn backends_per_user(proxy: &Proxy, users: usize, per_user: usize) -> Vec<Vec<String>> {
+    let mut answers = Vec::new();
+    for user in 0..users {
+        let mut seen = Vec::new();
+        for _ in 0..per_user {
+            let request = Request::get(proxy.url("/"))
+                .header("x-user", format!("user-{user}"))
+                .body(Body::empty())
+                .unwrap();
+            let (status, _, body) = send(request).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            seen.push(Echo::parse(&body).backend);
+        }
+        answers.push(seen);
+    }
+    answers
+}
+
+fn assert_sticky_and_spread(strategy: &str, answers: &[Vec<String>]) {
+    for (user, seen) in answers.iter().enumerate() {
+        assert!(
+            seen.iter().all(|b| b == &seen[0]),
+            "{strategy}: user {user} moved between backends: {seen:?}"
+        );
+    }
+    let used: std::collections::HashSet<&String> = answers.iter().map(|seen| &seen[0]).collect();
+    assert!(used.len() >= 2, "{strategy}: 16 users all on one backend");
+}
+
+#[tokio::test]
+async fn hashing_by_a_header_sends_each_user_to_one_backend() {
+    let backends = [
+        TestBackend::echo("a").await,
+        TestBackend::echo("b").await,
+        TestBackend::echo("c").await,
+    ];
+    for strategy in [
+        "hash-header:x-user",
+        "nginx-hash-header:x-user",
+        "maglev-header:x-user",
+    ] {
+        let proxy = proxy_with(strategy, backends.iter().map(|b| b.backend()).collect()).await;
+        let answers = backends_per_user(&proxy, 16, 5).await;
+        assert_sticky_and_spread(strategy, &answers);
+
+        // Without the header, requests are not refused: they go to each backend in turn.
+        let anonymous = shares(&proxy, 30).await;
+        assert_eq!(anonymous.len(), 3, "{strategy}: {anonymous:?}");
+    }
+}
+
+#[tokio::test]
+async fn hashing_by_client_ip_sends_each_client_to_one_backend() {
+    let backends = [
+        TestBackend::echo("a").await,
+        TestBackend::echo("b").await,
+        TestBackend::echo("c").await,
+    ];
+    let proxy = proxy_with("maglev-ip", backends.iter().map(|b| b.backend()).collect()).await;
+    // Clients on 16 loopback addresses (127.0.0.0/8 is all loopback on Linux).
+    let mut answers = Vec::new();
+    for host in 1..=16u8 {
+        let ip = std::net::IpAddr::from([127, 0, 0, host]);
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(ip));
+        let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build(connector);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let response = within(
+                "a request from one client address",
+                client.request(Request::get(proxy.url("/")).body(Body::empty()).unwrap()),
+            )
+            .await
+            .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let echo = Echo::parse(std::str::from_utf8(&body).unwrap());
+            assert_eq!(echo.header("x-forwarded-for"), [ip.to_string()]);
+            seen.push(echo.backend);
+        }
+        answers.push(seen);
+    }
+    assert_sticky_and_spread("maglev-ip", &answers);
+}
+
+type Answer = (StatusCode, HeaderMap, String);
+
+/// Sends six concurrent requests for one key; returns how many landed on each backend (as
+/// the backends report arrivals) and the requests, which the backends hold.
+async fn send_hot_key(
+    proxy: &Proxy,
+    arrivals: &mut mpsc::UnboundedReceiver<&'static str>,
+) -> (HashMap<&'static str, usize>, JoinSet<Answer>) {
+    let mut requests = JoinSet::new();
+    for _ in 0..6 {
+        let request = Request::get(proxy.url("/"))
+            .header("x-user", "celebrity")
+            .body(Body::empty())
+            .unwrap();
+        requests.spawn(send(request));
+    }
+    let mut landed = HashMap::new();
+    for _ in 0..6 {
+        let name = within("a request arriving", arrivals.recv()).await.unwrap();
+        *landed.entry(name).or_insert(0) += 1;
+    }
+    (landed, requests)
+}
+
+#[tokio::test]
+async fn a_bounded_load_spills_a_hot_key_over_to_other_backends() {
+    // Backends that hold every request until released, and report each arrival.
+    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        let arrivals_tx = arrivals_tx.clone();
+        let released = released.clone();
+        backends.push(
+            TestBackend::start(move |_: Request<Incoming>| {
+                let arrivals_tx = arrivals_tx.clone();
+                let mut released = released.clone();
+                async move {
+                    let _ = arrivals_tx.send(name);
+                    let _ = released.wait_for(|r| *r).await;
+                    Response::new(Body::from(name))
+                }
+            })
+            .await,
+        );
+    }
+    let addrs = || backends.iter().map(|b| b.backend()).collect::<Vec<_>>();
+
+    let unbounded = proxy_with("maglev-header:x-user", addrs()).await;
+    let (landed, unbounded_requests) = send_hot_key(&unbounded, &mut arrivals).await;
+    assert_eq!(
+        landed.len(),
+        1,
+        "without a bound one backend takes them all: {landed:?}"
+    );
+
+    let mut config = Config::new(addrs());
+    config.strategy = StrategySpec::parse("maglev-header:x-user")
+        .unwrap()
+        .bounded_load(1.25)
+        .unwrap();
+    let bounded = Proxy::start(config).await;
+    let (landed, bounded_requests) = send_hot_key(&bounded, &mut arrivals).await;
+    // With 6 in flight over 3 backends, 1.25 x the average is at most 3 per backend.
+    assert!(landed.len() >= 2, "{landed:?}");
+    assert!(landed.values().all(|&n| n <= 3), "{landed:?}");
+
+    release.send(true).unwrap();
+    for requests in [unbounded_requests, bounded_requests] {
+        for (status, _, _) in within("the held requests", requests.join_all()).await {
+            assert_eq!(status, StatusCode::OK);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_dead_backend_costs_a_few_502s_then_is_ejected() {
     let a = TestBackend::echo("a").await;
@@ -774,6 +935,13 @@ fn the_command_line_is_parsed_and_mistakes_are_explained() {
     assert!(error(&["--admin", "stats"]).contains("must start with '/'"));
     assert!(error(&["--admin", "/{id}"]).contains("must start with '/'"));
     assert!(error(&["--strategy"]).contains("needs a value"));
+    assert!(error(&["--strategy", "maglev-cookie"]).contains("unknown hash key"));
+    assert!(error(&["--strategy", "hash-header:bad name"]).contains("header key"));
+    let bounded = parse(&["--bounded-load", "1.25", "--strategy", "hash-ip"]).unwrap();
+    assert_eq!(bounded.config.strategy.name(), "hash-ip");
+    assert!(error(&["--strategy", "p2c", "--bounded-load", "2"]).contains("hashing strategies"));
+    assert!(error(&["--strategy", "maglev-ip", "--bounded-load", "0.9"]).contains("below 1"));
+    assert!(error(&["--strategy", "maglev-ip", "--bounded-load", "x"]).contains("not a number"));
     assert!(error(&["--bogus"]).contains("unknown argument"));
     assert_eq!(error(&["--help"]), "", "asks for the help text");
     assert!(StrategySpec::parse("round-robin").is_ok());

@@ -28,7 +28,8 @@ use tower_lb::http::{connect, ClientIp, CookieKey, HeaderKey, HttpEndpoint, Path
 use tower_lb::http::{TrackBody, TrackedBody};
 use tower_lb::strategy::Swappable;
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, EndpointStatus, KeyHasher};
-use tower_lb::{PowerOfTwoChoices, Random, RequestKey, RoundRobin, Weight, WeightedRoundRobin};
+use tower_lb::{ConsistentHash, KeyFallback, PowerOfTwoChoices, Random, RequestKey, RoundRobin};
+use tower_lb::{Weight, WeightedRoundRobin};
 
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
@@ -101,6 +102,12 @@ pub(crate) const STRATEGIES: &[(&str, &str)] = &[
         "p2c-peak-ewma",
         "the faster of two random backends (PeakEWMA)",
     ),
+    ("hash-KEY", "the same KEY to the same backend (hash ring)"),
+    ("nginx-hash-KEY", "as nginx's `hash KEY consistent`"),
+    (
+        "maglev-KEY",
+        "the same KEY to the same backend (Maglev table)",
+    ),
 ];
 
 /// A parsed `--strategy` value: the algorithm, and for hashing strategies what is hashed.
@@ -111,7 +118,7 @@ pub(crate) struct StrategySpec {
     hash_on: HashOn,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Algorithm {
     RoundRobin,
     WeightedRoundRobin,
@@ -119,6 +126,7 @@ enum Algorithm {
     WeightedRandom,
     PowerOfTwoChoices,
     PeakEwma,
+    ConsistentHash(ConsistentHash),
 }
 
 impl StrategySpec {
@@ -131,7 +139,7 @@ impl StrategySpec {
             "weighted-random" => Algorithm::WeightedRandom,
             "p2c" => Algorithm::PowerOfTwoChoices,
             "p2c-peak-ewma" => Algorithm::PeakEwma,
-            _ => return Err(unknown_strategy(name)),
+            _ => return Self::parse_hash(name),
         };
         Ok(Self {
             name: name.to_owned(),
@@ -140,19 +148,53 @@ impl StrategySpec {
         })
     }
 
+    /// `hash-KEY`, `nginx-hash-KEY` or `maglev-KEY`.
+    fn parse_hash(name: &str) -> Result<Self, String> {
+        let tables = [
+            ("hash-", ConsistentHash::ring()),
+            ("nginx-hash-", ConsistentHash::ring_nginx()),
+            ("maglev-", ConsistentHash::maglev()),
+        ];
+        let (key, table) = tables
+            .into_iter()
+            .find_map(|(prefix, table)| Some((name.strip_prefix(prefix)?, table)))
+            .ok_or_else(|| unknown_strategy(name))?;
+        Ok(Self {
+            name: name.to_owned(),
+            // A request without the key goes to each backend in turn, as with nginx.
+            algorithm: Algorithm::ConsistentHash(table.fallback(KeyFallback::RoundRobin)),
+            hash_on: HashOn::parse(key)?,
+        })
+    }
+
+    /// Caps each backend's requests in flight at `factor` times the average (hashing
+    /// strategies only; `factor` at least 1).
+    pub(crate) fn bounded_load(mut self, factor: f64) -> Result<Self, String> {
+        let Algorithm::ConsistentHash(hash) = self.algorithm else {
+            return Err(format!(
+                "a bounded load applies to hashing strategies, not to {}",
+                self.name
+            ));
+        };
+        let bounded = hash.bounded_load(factor).map_err(|e| e.to_string())?;
+        self.algorithm = Algorithm::ConsistentHash(bounded);
+        Ok(self)
+    }
+
     /// The name it was parsed from.
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     fn strategy(&self) -> Swappable {
-        match self.algorithm {
+        match &self.algorithm {
             Algorithm::RoundRobin => Swappable::new(RoundRobin::new()),
             Algorithm::WeightedRoundRobin => Swappable::new(WeightedRoundRobin::new()),
             Algorithm::Random => Swappable::new(Random::new()),
             Algorithm::WeightedRandom => Swappable::new(Random::weighted()),
             Algorithm::PowerOfTwoChoices => Swappable::new(PowerOfTwoChoices::new()),
             Algorithm::PeakEwma => Swappable::new(PowerOfTwoChoices::peak_ewma()),
+            Algorithm::ConsistentHash(hash) => Swappable::new(hash.clone()),
         }
     }
 }
@@ -177,7 +219,6 @@ enum HashOn {
 }
 
 impl HashOn {
-    #[allow(dead_code)] // used by the hashing strategies
     fn parse(key: &str) -> Result<Self, String> {
         let parsed = match key.split_once(':') {
             None if key == "ip" => Ok(HashOn::ClientIp(ClientIp::new())),
@@ -366,12 +407,24 @@ async fn proxy(State(state): State<AppState>, mut request: Request) -> Response 
 
 /// 503 when the balancer has no backend to offer, 502 when the backend failed.
 fn error_response(error: &(dyn std::error::Error + 'static)) -> Response {
-    if let Some(tower_lb::Error::NoEndpoints) = error.downcast_ref::<tower_lb::Error>() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: no backend is available\n",
-        )
-            .into_response();
+    match error.downcast_ref::<tower_lb::Error>() {
+        Some(tower_lb::Error::NoEndpoints) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: no backend is available\n",
+            )
+                .into_response()
+        }
+        // Not with this proxy's hashing strategies (they fall back to round-robin), but a
+        // keyless request is the client's doing, not the backend's.
+        Some(tower_lb::Error::MissingKey) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: the request lacks the key the strategy hashes\n",
+            )
+                .into_response()
+        }
+        _ => {}
     }
     let mut message = format!("502 Bad Gateway: the backend failed: {error}");
     let mut source = error.source();

@@ -1,4 +1,5 @@
-//! The command line: `--listen`, `--backend` (repeatable), `--strategy`, `--admin`.
+//! The command line: `--listen`, `--backend` (repeatable), `--strategy`, `--bounded-load`,
+//! `--admin`.
 
 use std::net::SocketAddr;
 
@@ -11,13 +12,17 @@ pub(crate) fn usage() -> String {
         .map(|(name, what)| format!("    {name:<28} {what}"))
         .collect();
     format!(
-        "usage: proxy [--listen ADDR] [--backend ADDR[=WEIGHT]]... [--strategy NAME] [--admin PATH]
+        "usage: proxy [--listen ADDR] [--backend ADDR[=WEIGHT]]... [--strategy NAME]
+             [--bounded-load C] [--admin PATH]
 
   --listen ADDR            where to listen (default 127.0.0.1:8080)
   --backend ADDR[=WEIGHT]  a backend (repeatable); none: three demo backends on loopback
   --strategy NAME          how to spread requests (default round-robin):
 {}
-                           KEY is ip, header:NAME, cookie:NAME or path
+                           KEY is ip, header:NAME, cookie:NAME or path; requests
+                           without it go to each backend in turn
+  --bounded-load C         hashing: no backend takes more than C times the average
+                           number of requests in flight (C >= 1, e.g. 1.25)
   --admin PATH             where to serve the stats as JSON (default /_lb/stats)",
         strategies.join("\n")
     )
@@ -34,6 +39,7 @@ pub(crate) struct Args {
 pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut listen: SocketAddr = "127.0.0.1:8080".parse().expect("a socket address");
     let mut config = Config::new(Vec::new());
+    let mut bounded_load = None;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => {
@@ -65,6 +71,13 @@ pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args,
                 config.backends.push(backend);
             }
             "--strategy" => config.strategy = StrategySpec::parse(&value()?)?,
+            "--bounded-load" => {
+                let factor = value()?;
+                let factor = factor
+                    .parse::<f64>()
+                    .map_err(|_| format!("--bounded-load {factor:?} is not a number"))?;
+                bounded_load = Some(factor);
+            }
             "--admin" => {
                 let path = value()?;
                 app::check_admin_path(&path)?;
@@ -72,6 +85,9 @@ pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args,
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if let Some(factor) = bounded_load {
+        config.strategy = config.strategy.bounded_load(factor)?;
     }
     Ok(Args { listen, config })
 }

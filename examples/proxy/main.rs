@@ -54,16 +54,13 @@ async fn start_demo_backends() -> std::io::Result<Vec<Backend>> {
 async fn main() -> ExitCode {
     let Args { listen, mut config } = match parse_args(std::env::args().skip(1)) {
         Ok(args) => args,
+        Err(problem) if problem.is_empty() => {
+            println!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
         Err(problem) => {
-            if !problem.is_empty() {
-                eprintln!("error: {problem}\n");
-            }
-            eprintln!("{}", usage());
-            return if problem.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            };
+            eprintln!("error: {problem}\n(proxy --help lists the options)");
+            return ExitCode::from(2);
         }
     };
     if config.backends.is_empty() {
