@@ -2,12 +2,51 @@
 //!
 //! - [`fixed`]: a list known up front.
 //! - [`channel`]: a [`DiscoverHandle`] that inserts and removes endpoints at run time.
+//! - [`HealthCheck`]: wraps any of these (or any other source) and passes on only the
+//!   endpoints whose probes pass: [`TcpProbe`], `HttpProbe` (feature `http`) or an async
+//!   function ([`probe_fn`]).
 //!
 //! Any other `Discover` works too: a balancer accepts any stream of
 //! [`Change`](tower::discover::Change)s.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use tower_lb::discover::{self, probe_fn, HealthCheckBuilder};
+//! use tower_lb::{Balance, RoundRobin};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower_lb::ConfigError> {
+//! let replicas = ["a", "b"].map(|name| {
+//!     (name, service_fn(move |_: ()| async move { Ok::<_, std::convert::Infallible>(name) }))
+//! });
+//! // A user probe: here every replica but "b" is healthy.
+//! let probe = probe_fn(|name: &&str, _: &_| {
+//!     let healthy = *name != "b";
+//!     async move { healthy }
+//! });
+//! let checked = HealthCheckBuilder::new()
+//!     .interval(Duration::from_secs(1))?
+//!     .build(discover::fixed(replicas), probe);
+//! let health = checked.status();
+//! let balance = Balance::new(checked, RoundRobin::new());
+//! # tokio::time::sleep(Duration::from_millis(10)).await;
+//! assert_eq!(health.healthy(), 1);
+//! # let _ = balance;
+//! # Ok(())
+//! # }
+//! ```
 
 mod channel;
 mod fixed;
+mod health;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
 pub use fixed::{fixed, Fixed};
+#[cfg(feature = "http")]
+pub use health::HttpProbe;
+pub use health::{
+    probe_fn, BoxProbeFuture, EndpointHealth, HealthCheck, HealthCheckBuilder, HealthStatus,
+    InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
+    TcpProbe,
+};

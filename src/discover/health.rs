@@ -1,0 +1,22 @@
+//! Active health checking: a `Discover` adapter that passes on only endpoints whose probes
+//! pass. The behaviour is documented on [`HealthCheck`].
+
+mod check;
+mod config;
+#[cfg(feature = "http")]
+mod http;
+mod probe;
+mod schedule;
+mod status;
+mod tcp;
+
+pub use check::HealthCheck;
+pub use config::{HealthCheckBuilder, InitialHealth};
+#[cfg(feature = "http")]
+pub use http::HttpProbe;
+pub use probe::{
+    probe_fn, BoxProbeFuture, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture,
+    ProbeOutcome,
+};
+pub use status::{EndpointHealth, HealthStatus};
+pub use tcp::TcpProbe;
