@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use app::{Backend, Config, StrategySpec};
+use app::{ActiveHealth, Backend, Config, StrategySpec};
 use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
+use tower_lb::discover::HealthCheckBuilder;
 use tower_lb::health::OutlierDetection;
 use tower_lb::Weight;
 
@@ -147,7 +149,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, signal) = oneshot::channel();
-        let server = tokio::spawn(app::serve(listener, config, async {
+        let app = app::build_app(&config).expect("a valid configuration");
+        let server = tokio::spawn(app::serve(listener, app, async {
             let _ = signal.await;
         }));
         Self {
@@ -525,6 +528,127 @@ async fn a_dead_backend_costs_a_few_502s_then_is_ejected() {
         "every request succeeds on the others"
     );
     assert!(!after.contains_key("b"));
+}
+
+/// An echo backend whose `/healthz` answers 200 or 503 as the returned switch says.
+async fn backend_with_health(name: &'static str) -> (TestBackend, Arc<AtomicBool>) {
+    let healthy = Arc::new(AtomicBool::new(true));
+    let switch = healthy.clone();
+    let backend = TestBackend::start(move |request: Request<Incoming>| {
+        let healthy = healthy.load(Ordering::SeqCst);
+        async move {
+            if request.uri().path() != "/healthz" {
+                return Response::new(Body::from(format!("{name}\n")));
+            }
+            let status = if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            Response::builder()
+                .status(status)
+                .body(Body::empty())
+                .unwrap()
+        }
+    })
+    .await;
+    (backend, switch)
+}
+
+/// Fast active health checks: a probe every 20 ms, one failure takes a backend out, two
+/// successes bring it back.
+fn fast_health_checks() -> ActiveHealth {
+    let mut health = ActiveHealth::new("/healthz");
+    health.settings = HealthCheckBuilder::new()
+        .interval(Duration::from_millis(20))
+        .unwrap()
+        .timeout(Duration::from_millis(500))
+        .unwrap()
+        .fall(1)
+        .unwrap()
+        .rise(2)
+        .unwrap();
+    health
+}
+
+/// Polls the admin stats (every 10 ms, for at most [`STEP`]) until `done` holds.
+async fn wait_for_stats(proxy: &Proxy, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    within(what, async {
+        loop {
+            if done(&proxy.stats().await) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Whether the balancer sends new requests to `addr` (a removed backend may stay listed, as
+/// "removed", while balancer clones may still hold it).
+fn in_rotation(stats: &serde_json::Value, addr: SocketAddr) -> bool {
+    stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["address"] == addr.to_string().as_str() && b["status"] == "active")
+}
+
+#[tokio::test]
+async fn active_health_checks_take_a_failing_backend_out_and_bring_it_back() {
+    let (a, _) = backend_with_health("a").await;
+    let (b, b_healthy) = backend_with_health("b").await;
+    let mut config = Config::new(vec![a.backend(), b.backend()]);
+    config.health = Some(fast_health_checks());
+    let proxy = Proxy::start(config).await;
+    assert_eq!(shares(&proxy, 10).await.len(), 2, "both serve at first");
+
+    b_healthy.store(false, Ordering::SeqCst);
+    wait_for_stats(&proxy, "b taken out", |stats| !in_rotation(stats, b.addr)).await;
+    let stats = proxy.stats().await;
+    let checks = stats["health_checks"].as_array().unwrap();
+    assert_eq!(
+        checks.len(),
+        2,
+        "every configured backend is shown: {stats:#}"
+    );
+    let b_check = checks
+        .iter()
+        .find(|c| c["address"] == b.addr.to_string().as_str())
+        .unwrap();
+    assert_eq!(b_check["healthy"], false);
+    assert!(
+        b_check["last_error"].as_str().unwrap().contains("503"),
+        "{b_check}"
+    );
+    // No request failed: the probe, not traffic, took b out.
+    let only_a = shares(&proxy, 20).await;
+    assert_eq!(only_a.get("a"), Some(&20), "{only_a:?}");
+
+    b_healthy.store(true, Ordering::SeqCst);
+    wait_for_stats(&proxy, "b back", |stats| in_rotation(stats, b.addr)).await;
+    assert_eq!(shares(&proxy, 10).await.len(), 2, "both serve again");
+}
+
+#[tokio::test]
+async fn every_backend_unhealthy_answers_503() {
+    let (a, a_healthy) = backend_with_health("a").await;
+    a_healthy.store(false, Ordering::SeqCst);
+    let mut config = Config::new(vec![a.backend()]);
+    config.health = Some(fast_health_checks());
+    let proxy = Proxy::start(config).await;
+    wait_for_stats(&proxy, "a taken out", |stats| stats["available"] == 0).await;
+    let (status, body) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "503 Service Unavailable: no backend is available\n");
+}
+
+#[tokio::test]
+async fn a_bad_health_check_path_is_rejected() {
+    let mut config = Config::new(Vec::new());
+    config.health = Some(ActiveHealth::new("healthz"));
+    let error = app::build_app(&config).err().unwrap();
+    assert!(error.to_string().contains("probe path"), "{error}");
 }
 
 #[tokio::test]
@@ -943,6 +1067,12 @@ fn the_command_line_is_parsed_and_mistakes_are_explained() {
     assert!(error(&["--strategy", "maglev-ip", "--bounded-load", "0.9"]).contains("below 1"));
     assert!(error(&["--strategy", "maglev-ip", "--bounded-load", "x"]).contains("not a number"));
     assert!(error(&["--bogus"]).contains("unknown argument"));
+    let health = parse(&["--health", "/healthz"])
+        .unwrap()
+        .config
+        .health
+        .unwrap();
+    assert_eq!(health.path, "/healthz");
     assert_eq!(error(&["--help"]), "", "asks for the help text");
     assert!(StrategySpec::parse("round-robin").is_ok());
 }

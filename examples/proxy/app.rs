@@ -23,11 +23,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::discover::Change;
 use tower::{BoxError, Layer, Service};
+use tower_lb::discover::{HealthCheckBuilder, HealthStatus, HttpProbe};
 use tower_lb::health::OutlierDetection;
 use tower_lb::http::{connect, ClientIp, CookieKey, HeaderKey, HttpEndpoint, PathKey, PeerAddr};
 use tower_lb::http::{TrackBody, TrackedBody};
 use tower_lb::strategy::Swappable;
-use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, EndpointStatus, KeyHasher};
+use tower_lb::KeyHasher;
+use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
 use tower_lb::{ConsistentHash, KeyFallback, PowerOfTwoChoices, Random, RequestKey, RoundRobin};
 use tower_lb::{Weight, WeightedRoundRobin};
 
@@ -42,17 +44,40 @@ pub(crate) struct Config {
     pub(crate) admin_path: String,
     /// When a backend is ejected for failing (passive health checking).
     pub(crate) outlier: OutlierDetection,
+    /// Active health checks, if any: backends whose probes fail are taken out of rotation.
+    pub(crate) health: Option<ActiveHealth>,
+}
+
+/// Active health checking: `GET path` on every backend, on a schedule.
+#[derive(Clone, Debug)]
+pub(crate) struct ActiveHealth {
+    /// The probed path, such as `/healthz`; a 2xx or 3xx answer is healthy.
+    pub(crate) path: String,
+    /// Interval, timeout, rise and fall (HAProxy's defaults: 2 s, 1 s, 2, 3).
+    pub(crate) settings: HealthCheckBuilder,
+}
+
+impl ActiveHealth {
+    /// Probes `path` with the default settings.
+    pub(crate) fn new(path: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            settings: HealthCheckBuilder::new(),
+        }
+    }
 }
 
 impl Config {
     /// Round-robin over `backends`, stats on `/_lb/stats`, the default outlier detection
-    /// (5 failures in a row eject a backend for 30 s, longer if it keeps failing).
+    /// (5 failures in a row eject a backend for 30 s, longer if it keeps failing), no active
+    /// health checks.
     pub(crate) fn new(backends: Vec<Backend>) -> Self {
         Self {
             backends,
             strategy: StrategySpec::parse("round-robin").expect("a known strategy"),
             admin_path: "/_lb/stats".to_owned(),
             outlier: OutlierDetection::new(),
+            health: None,
         }
     }
 }
@@ -266,16 +291,31 @@ type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Endpoint>, 
 // it costs one virtual call per pick.
 type ProxyBalance = Balance<Endpoints, Swappable, HashOn, TrackBody>;
 
-/// Builds the balancer over the configured backends.
-fn build_balancer(config: &Config) -> ProxyBalance {
+/// Builds the balancer over the configured backends, behind active health checks if
+/// configured; returns it with the health checks' view of the backends.
+fn build_balancer(
+    config: &Config,
+) -> Result<(ProxyBalance, Option<HealthStatus<SocketAddr>>), ConfigError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    // One client, so one connection pool, for every backend and every probe.
     let client = Client::builder(TokioExecutor::new()).build(connector);
 
-    let addresses = config.backends.iter().map(|b| (b.addr, b.addr));
-    let endpoints: Endpoints =
-        Box::pin(connect(client, discover::fixed(addresses)).map_err(BoxError::from));
+    let candidates = discover::fixed(config.backends.iter().map(|b| (b.addr, b.addr)));
+    let (endpoints, health): (Endpoints, _) = match &config.health {
+        None => (
+            Box::pin(connect(client, candidates).map_err(BoxError::from)),
+            None,
+        ),
+        Some(active) => {
+            let probe = HttpProbe::new(&client, &active.path)?;
+            let checked = active.settings.build(candidates, probe);
+            let status = checked.status();
+            let endpoints = connect(client, checked).map_err(BoxError::from);
+            (Box::pin(endpoints), Some(status))
+        }
+    };
 
     let weights: Vec<(SocketAddr, Weight)> =
         config.backends.iter().map(|b| (b.addr, b.weight)).collect();
@@ -286,13 +326,14 @@ fn build_balancer(config: &Config) -> ProxyBalance {
             .map_or(Weight::ONE, |(_, w)| *w)
     };
 
-    BalanceLayer::new(config.strategy.strategy())
+    let balance = BalanceLayer::new(config.strategy.strategy())
         .key(config.strategy.hash_on.clone())
         .weigh_with(weigh)
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
         .outlier_detection(config.outlier)
-        .layer(endpoints)
+        .layer(endpoints);
+    Ok((balance, health))
 }
 
 /// A few long-lived clones of the balancer, each lent to one request at a time for the
@@ -345,36 +386,40 @@ impl Balancers {
 struct AppState {
     balancers: Arc<Balancers>,
     handle: BalanceHandle<SocketAddr>,
+    health: Option<HealthStatus<SocketAddr>>,
+    backends: Arc<[SocketAddr]>,
     strategy: Arc<str>,
 }
 
 /// The proxy as an axum router: the admin stats page, and every other request forwarded.
+/// Fails if the configuration is invalid (such as a bad health check path).
 ///
-/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` (as [`serve`] does) so
-/// the proxy knows each client's address.
-pub(crate) fn build_app(config: &Config) -> Router {
-    let balance = build_balancer(config);
+/// Serve it with [`serve`], which gives the proxy each client's address.
+pub(crate) fn build_app(config: &Config) -> Result<Router, ConfigError> {
+    let (balance, health) = build_balancer(config)?;
     let state = AppState {
         handle: balance.handle(),
         balancers: Arc::new(Balancers::new(balance)),
+        health,
+        backends: config.backends.iter().map(|b| b.addr).collect(),
         strategy: config.strategy.name().into(),
     };
-    Router::new()
+    Ok(Router::new()
         .route(&config.admin_path, get(admin_stats))
         .fallback(proxy)
-        .with_state(state)
+        .with_state(state))
 }
 
-/// Serves the proxy on `listener` until `shutdown` resolves, then finishes the requests in
-/// progress (graceful shutdown).
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting connections and
+/// finishes the requests in progress (graceful shutdown).
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    config: Config,
+    app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = build_app(&config);
     axum::serve(
         listener,
+        // Hands each request its client's address (`ConnectInfo`).
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
@@ -532,7 +577,7 @@ async fn admin_stats(State(state): State<AppState>) -> Response {
             })
         })
         .collect();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "strategy": &*state.strategy,
         "available": stats.available(),
         "in_flight": stats.in_flight(),
@@ -541,6 +586,27 @@ async fn admin_stats(State(state): State<AppState>) -> Response {
         "discovery_errors": stats.discovery_errors,
         "backends": backends,
     });
+    if let Some(health) = &state.health {
+        // Every configured backend, including those the health checks took out.
+        let checks: Vec<serde_json::Value> = state
+            .backends
+            .iter()
+            .map(|addr| {
+                let health = health.get(addr);
+                serde_json::json!({
+                    "address": addr.to_string(),
+                    "healthy": health.as_ref().map(|h| h.healthy),
+                    "probes": health.as_ref().map(|h| h.probes),
+                    "consecutive_failures": health.as_ref().map(|h| h.consecutive_failures),
+                    "last_error": health
+                        .as_ref()
+                        .and_then(|h| h.last_error.as_ref())
+                        .map(|e| e.to_string()),
+                })
+            })
+            .collect();
+        body["health_checks"] = checks.into();
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         format!("{body:#}\n"),

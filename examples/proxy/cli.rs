@@ -1,9 +1,9 @@
 //! The command line: `--listen`, `--backend` (repeatable), `--strategy`, `--bounded-load`,
-//! `--admin`.
+//! `--health`, `--admin`.
 
 use std::net::SocketAddr;
 
-use crate::app::{self, Backend, Config, StrategySpec};
+use crate::app::{self, ActiveHealth, Backend, Config, StrategySpec};
 
 /// The help text.
 pub(crate) fn usage() -> String {
@@ -13,7 +13,7 @@ pub(crate) fn usage() -> String {
         .collect();
     format!(
         "usage: proxy [--listen ADDR] [--backend ADDR[=WEIGHT]]... [--strategy NAME]
-             [--bounded-load C] [--admin PATH]
+             [--bounded-load C] [--health PATH] [--admin PATH]
 
   --listen ADDR            where to listen (default 127.0.0.1:8080)
   --backend ADDR[=WEIGHT]  a backend (repeatable); none: three demo backends on loopback
@@ -23,6 +23,9 @@ pub(crate) fn usage() -> String {
                            without it go to each backend in turn
   --bounded-load C         hashing: no backend takes more than C times the average
                            number of requests in flight (C >= 1, e.g. 1.25)
+  --health PATH            probe GET PATH on every backend (every 2 s; 2xx/3xx is healthy,
+                           3 failures in a row take a backend out, 2 successes bring it
+                           back); without it, only failing requests eject a backend
   --admin PATH             where to serve the stats as JSON (default /_lb/stats)",
         strategies.join("\n")
     )
@@ -78,6 +81,7 @@ pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args,
                     .map_err(|_| format!("--bounded-load {factor:?} is not a number"))?;
                 bounded_load = Some(factor);
             }
+            "--health" => config.health = Some(ActiveHealth::new(&value()?)),
             "--admin" => {
                 let path = value()?;
                 app::check_admin_path(&path)?;

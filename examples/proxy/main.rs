@@ -10,9 +10,15 @@
 //! With no `--backend` it starts three demo backends on loopback (fast, medium, slow) and
 //! prints curl lines to try. Bodies stream both ways; hop-by-hop headers are dropped;
 //! `X-Forwarded-For` and `Forwarded` get the client appended; a failed backend answers 502 and
-//! is ejected after 5 failures in a row (passive outlier detection); with no backend left the
-//! proxy answers 503; `GET /_lb/stats` shows the balancer's counters as JSON. Ctrl-C stops
-//! accepting and lets requests in progress finish.
+//! is ejected after 5 failures in a row (passive outlier detection); `--health /healthz`
+//! adds active health checks that take failing backends out of rotation; with no backend left
+//! the proxy answers 503; `GET /_lb/stats` shows the balancer's counters as JSON. Ctrl-C
+//! stops accepting and lets requests in progress finish.
+//!
+//! The proxy keeps no request or response body in memory: hyper's `Incoming` bodies are
+//! passed through as they stream. It does not retry (a request may not be safe to send
+//! twice), and it does not proxy protocol upgrades (WebSocket): `Upgrade` is a hop-by-hop
+//! header.
 
 mod app;
 mod cli;
@@ -73,6 +79,13 @@ async fn main() -> ExitCode {
         }
         println!("no --backend given: started three demo backends (1 ms, 10 ms, 50 ms)");
     }
+    let app = match app::build_app(&config) {
+        Ok(app) => app,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -89,6 +102,13 @@ async fn main() -> ExitCode {
     for backend in &config.backends {
         println!("  backend {} (weight {})", backend.addr, backend.weight);
     }
+    match &config.health {
+        Some(health) => println!(
+            "  active health checks: GET {} on each backend",
+            health.path
+        ),
+        None => println!("  passive health only: a backend that keeps failing is ejected"),
+    }
     println!("try:");
     println!("  curl -s http://{listen}/hello");
     println!("  for i in $(seq 9); do curl -s http://{listen}/; done");
@@ -99,7 +119,7 @@ async fn main() -> ExitCode {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down: finishing requests in progress");
     };
-    if let Err(error) = app::serve(listener, config, shutdown).await {
+    if let Err(error) = app::serve(listener, app, shutdown).await {
         eprintln!("error: {error}");
         return ExitCode::FAILURE;
     }
