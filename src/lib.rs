@@ -32,29 +32,77 @@
 //! # }
 //! ```
 //!
+//! # Strategies
+//!
+//! All implement [`strategy::Strategy`]; swapping one for another changes no caller code, and
+//! [`Swappable`] swaps them on a running balancer.
+//!
+//! | strategy | picks | where | cost per pick |
+//! |---|---|---|---|
+//! | [`RoundRobin`] | each endpoint in turn | `poll_ready` | O(1) |
+//! | [`WeightedRoundRobin`] | smooth weighted rotation (3:1:1 → `a b a c a`), exact shares per cycle | `poll_ready` | O(1) (precomputed cycle ≤ 2^18), else O(log n) per clone |
+//! | `LeastConnections` | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
+//! | [`PowerOfTwoChoices`] | the less loaded of two distinct weighted samples; load = in-flight or PeakEWMA latency × (in-flight + 1) | `poll_ready` | O(1) |
+//! | [`ConsistentHash`] | by request key: ring (Ketama, or nginx-compatible), Maglev; optional bounded loads | `call` | O(log n) ring, O(1) Maglev |
+//! | [`Random`] | uniform or weighted (alias table) | `poll_ready` | O(1) |
+//!
+//! **The recommended default is [`PowerOfTwoChoices::peak_ewma()`]**. In the virtual-time
+//! quality benchmark (`cargo bench --bench quality`: equal backends at 70% and 90% load,
+//! capacities 3:1:1, one backend 10× slower, heavy-tailed costs, one backend failing fast,
+//! one hanging) it is within 2% of the best of tower's p2c variants and least-connections on
+//! p99 wherever every request is served, far better where one backend is slow, and it sends
+//! a fail-fast endpoint 25–50× fewer requests than round-robin or tower's p2c, because
+//! recent failures count against an endpoint. Where a backend fails fast its p99 over the
+//! successful requests is ~10% above tower's p2c: tower's balancer uses the failing backend
+//! as a sink for a quarter of all requests (50× more errors), which unloads the healthy
+//! ones. The figures are in `BENCHMARKS.md`.
+//!
 //! # How it works
 //!
 //! - **Discovery** is any [`tower::discover::Discover`] stream of `Change::Insert(key, svc)`
-//!   and `Change::Remove(key)`; [`discover`] has ready-made sources. A background task on the
-//!   current tokio runtime applies changes as they come, with or without traffic, and ends
-//!   when the last clone of the balancer is dropped. `Insert` of a known key replaces its
-//!   service and keeps its counters; `Remove` stops new picks at once while requests in flight
-//!   finish. A discovery error is logged (`tracing`) and counted in [`Stats`]; the last set is
-//!   kept, also when the stream ends.
-//! - **Strategies** ([`strategy`]) choose among endpoints through a read-only view; they are
-//!   rebuilt off the request path when membership changes.
-//! - **Readiness**: an endpoint is only called after it reported ready. A pending endpoint is
-//!   skipped for a ready one. An endpoint whose `poll_ready` fails is counted as a failure and
+//!   and `Change::Remove(key)`; [`discover`] has ready-made sources (a fixed list, a runtime
+//!   handle, and [`discover::HealthCheck`], active health checking as a discovery adapter). A
+//!   background task on the current tokio runtime applies changes as they come, with or
+//!   without traffic, and ends when the last clone of the balancer is dropped. `Insert` of a
+//!   known key replaces its service and keeps its counters; `Remove` stops new picks at once
+//!   while requests in flight finish. A discovery error is logged (`tracing`) and counted in
+//!   [`Stats`]; the last set is kept, also when the stream ends.
+//! - **Strategies** ([`strategy`]) choose among endpoints through a read-only view; their
+//!   pickers are rebuilt off the request path when membership, weights or the strategy change.
+//! - **Readiness**: an endpoint is only called after it reported ready. Unkeyed strategies
+//!   pick in `poll_ready`: the balancer asks the picker (up to three times) for a ready
+//!   endpoint, then scans the rest from a random position; a pending endpoint is skipped for a
+//!   ready one. Keyed strategies pick in `call`, where the request is known: the chosen
+//!   endpoint is polled for readiness there and, if it is not ready at once, the response
+//!   future drives a clone of its service to readiness before calling it, so the request still
+//!   goes where its key maps. An endpoint whose `poll_ready` fails is counted as a failure and
 //!   leaves the rotation until discovery inserts it again.
 //! - **In-flight accounting**: each dispatched request holds an [`InFlightGuard`] in its
 //!   response future. The count drops exactly once: on response, on error, on cancellation
-//!   (the future dropped) or on panic. Guards refer to the endpoint's state, not to a table
-//!   slot, so removals and table rebuilds never misattribute a request.
+//!   (the future dropped) or on panic; with [`http::TrackBody`] (feature `http`) it is held
+//!   until the response body's first data or its end. Guards refer to the endpoint's state,
+//!   not to a table slot, so removals and table rebuilds never misattribute a request.
+//! - **Health** ([`health`]): passive outlier ejection, a panic threshold, slow start and
+//!   drain in the balancer; active probes (HTTP, TCP, custom) as a discovery adapter.
 //! - **No endpoints** is an error, not a hang: [`Error::NoEndpoints`] at once, or after
 //!   [`BalanceLayer::wait_for_endpoints`] has waited (bounded) for discovery. Use the wait when
 //!   endpoints arrive asynchronously (DNS, health checks) and the first requests may come
 //!   before them.
 //! - **Errors** are [`tower::BoxError`]s; the balancer's own errors downcast to [`Error`].
+//!   Invalid configuration is rejected where it is given, with a [`ConfigError`] naming the
+//!   setting.
+//! - **Observability**: [`Balance::stats`] / [`BalanceHandle::stats`] (per endpoint: key,
+//!   in-flight, picks, failures, weights, status, ejections), `tracing` events at every
+//!   membership and health change, and a `metrics` exporter (feature `metrics`).
+//!
+//! # Features
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `http` | [`http`]: request keys (client IP with trusted proxies, header, path, cookie), in-flight until the body ends, 5xx classification, endpoints by address over a pooled hyper-util client, HTTP health probes |
+//! | `health-http` | the same as `http` |
+//! | `axum` | `http::ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
+//! | `metrics` | `metrics::Exporter`: gauges and counters through the `metrics` facade |
 //!
 //! # Decisions
 //!
@@ -62,12 +110,22 @@
 //!   can drive their readiness with `&mut` access and no lock. hyper and tonic clients are
 //!   cheap to clone; wrap anything else in `tower::buffer::Buffer`.
 //! - Clones rotate and sample with their own cursor and random generator (seeded differently
-//!   per clone), so threads never contend on a shared counter; shares stay equal over time.
+//!   per clone, or reproducibly with [`BalanceLayer::seed`]), so threads never contend on a
+//!   shared counter; shares stay exact per clone.
 //! - An endpoint's in-flight count and its life share one atomic word, so a request costs one
 //!   atomic add to dispatch and one atomic subtract to finish, plus one for the pick counter.
+//! - Weight 0 is rejected ([`Weight::new`]): to stop traffic to an endpoint, remove or drain
+//!   it. Weights are 1 to 1,000,000.
+//! - Consistent hashing places endpoints by their identity (the discovery key's `Debug`
+//!   form, e.g. `127.0.0.1:8080`), never by discovery order, so every process agrees.
+//! - Latency-aware picking reads tokio's clock once at pick time and once at completion, and
+//!   only for strategies that ask for it; a response future dropped unfinished records its
+//!   wait, so a hanging endpoint does not look fast.
+//! - The panic threshold applies to endpoints the balancer ejected itself; active health
+//!   checks remove unhealthy endpoints from discovery.
 //! - If the balancer is built outside a tokio runtime, its discovery task starts on the runtime
 //!   of the first `poll_ready`; with no runtime then either, `poll_ready` fails with
-//!   [`Error::NoRuntime`].
+//!   [`Error::NoRuntime`]. Outlier detection, slow start and bounded waits need tokio's timer.
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
