@@ -368,14 +368,9 @@ impl Balancers {
         // The lock is never held across an await: readiness and the call happen in one poll.
         let response = poll_fn(|cx| {
             let mut balance = balance.lock().unwrap_or_else(PoisonError::into_inner);
-            match balance.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    let request = request.take().expect("polled again after Ready");
-                    Poll::Ready(Ok(balance.call(request)))
-                }
-                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-                Poll::Pending => Poll::Pending,
-            }
+            std::task::ready!(balance.poll_ready(cx))?;
+            let request = request.take().expect("not polled again after Ready");
+            Poll::Ready(Ok::<_, BoxError>(balance.call(request)))
         })
         .await?;
         response.await
@@ -452,24 +447,12 @@ async fn proxy(State(state): State<AppState>, mut request: Request) -> Response 
 
 /// 503 when the balancer has no backend to offer, 502 when the backend failed.
 fn error_response(error: &(dyn std::error::Error + 'static)) -> Response {
-    match error.downcast_ref::<tower_lb::Error>() {
-        Some(tower_lb::Error::NoEndpoints) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "503 Service Unavailable: no backend is available\n",
-            )
-                .into_response()
-        }
-        // Not with this proxy's hashing strategies (they fall back to round-robin), but a
-        // keyless request is the client's doing, not the backend's.
-        Some(tower_lb::Error::MissingKey) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: the request lacks the key the strategy hashes\n",
-            )
-                .into_response()
-        }
-        _ => {}
+    if let Some(tower_lb::Error::NoEndpoints) = error.downcast_ref::<tower_lb::Error>() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: no backend is available\n",
+        )
+            .into_response();
     }
     let mut message = format!("502 Bad Gateway: the backend failed: {error}");
     let mut source = error.source();
@@ -591,18 +574,15 @@ async fn admin_stats(State(state): State<AppState>) -> Response {
         let checks: Vec<serde_json::Value> = state
             .backends
             .iter()
-            .map(|addr| {
-                let health = health.get(addr);
-                serde_json::json!({
+            .map(|addr| match health.get(addr) {
+                Some(health) => serde_json::json!({
                     "address": addr.to_string(),
-                    "healthy": health.as_ref().map(|h| h.healthy),
-                    "probes": health.as_ref().map(|h| h.probes),
-                    "consecutive_failures": health.as_ref().map(|h| h.consecutive_failures),
-                    "last_error": health
-                        .as_ref()
-                        .and_then(|h| h.last_error.as_ref())
-                        .map(|e| e.to_string()),
-                })
+                    "healthy": health.healthy,
+                    "probes": health.probes,
+                    "consecutive_failures": health.consecutive_failures,
+                    "last_error": health.last_error.map(|e| e.to_string()),
+                }),
+                None => serde_json::json!({ "address": addr.to_string(), "healthy": null }),
             })
             .collect();
         body["health_checks"] = checks.into();

@@ -9,8 +9,9 @@
 //!
 //! With no `--backend` it starts three demo backends on loopback (fast, medium, slow) and
 //! prints curl lines to try. Bodies stream both ways; hop-by-hop headers are dropped;
-//! `X-Forwarded-For` and `Forwarded` get the client appended; a failed backend answers 502 and
-//! is ejected after 5 failures in a row (passive outlier detection); `--health /healthz`
+//! `X-Forwarded-For` and `Forwarded` get the client appended; a backend that cannot be reached
+//! answers 502, and one that fails 5 requests in a row (unreachable, or answering 5xx) is
+//! ejected for a while (passive outlier detection); `--health /healthz`
 //! adds active health checks that take failing backends out of rotation; with no backend left
 //! the proxy answers 503; `GET /_lb/stats` shows the balancer's counters as JSON. Ctrl-C
 //! stops accepting and lets requests in progress finish.
