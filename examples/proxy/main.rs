@@ -8,18 +8,20 @@
 //! ```
 //!
 //! With no `--backend` it starts three demo backends on loopback (fast, medium, slow) and
-//! prints curl lines to try. Bodies stream both ways; hop-by-hop headers are dropped;
-//! `X-Forwarded-For` and `Forwarded` get the client appended; a backend that cannot be reached
-//! answers 502, and one that fails 5 requests in a row (unreachable, or answering 5xx) is
-//! ejected for a while (passive outlier detection); `--health /healthz`
-//! adds active health checks that take failing backends out of rotation; with no backend left
-//! the proxy answers 503; `GET /_lb/stats` shows the balancer's counters as JSON. Ctrl-C
-//! stops accepting and lets requests in progress finish.
+//! prints curl lines to try.
 //!
-//! The proxy keeps no request or response body in memory: hyper's `Incoming` bodies are
-//! passed through as they stream. It does not retry (a request may not be safe to send
-//! twice), and it does not proxy protocol upgrades (WebSocket): `Upgrade` is a hop-by-hop
-//! header.
+//! - Bodies stream both ways: hyper's `Incoming` bodies pass through, never held whole, and a
+//!   response counts as in flight until its body has streamed.
+//! - Hop-by-hop headers are dropped both ways; `X-Forwarded-For` and `Forwarded` get the
+//!   client appended to what earlier proxies wrote.
+//! - A backend that cannot be reached answers 502; one that fails 5 requests in a row
+//!   (unreachable, or answering 5xx) is ejected for a while (passive outlier detection).
+//!   `--health /healthz` adds active health checks that take failing backends out of rotation.
+//! - With no backend available the proxy answers 503.
+//! - `GET /_lb/stats` shows the balancer's counters (and health checks) as JSON.
+//! - Ctrl-C stops accepting connections and lets requests in progress finish.
+//! - It does not retry (a request may not be safe to send twice) and does not proxy protocol
+//!   upgrades such as WebSocket (`Upgrade` is a hop-by-hop header).
 
 mod app;
 mod cli;
