@@ -343,15 +343,19 @@ impl fmt::Debug for Endpoint<'_> {
 /// let strategy = BoxStrategy::new(RoundRobin::default());
 /// # let _ = strategy;
 /// ```
+///
+/// Cloning shares the boxed strategy (it is behind an `Arc`), so a `BoxStrategy` can be used
+/// in a [`BalanceLayer`](crate::BalanceLayer), which clones its strategy for every balancer.
+#[derive(Clone)]
 pub struct BoxStrategy {
-    inner: Box<dyn DynStrategy>,
+    inner: std::sync::Arc<dyn DynStrategy>,
 }
 
 impl BoxStrategy {
     /// Boxes `strategy`.
     pub fn new<S: Strategy>(strategy: S) -> Self {
         Self {
-            inner: Box::new(strategy),
+            inner: std::sync::Arc::new(strategy),
         }
     }
 }
