@@ -46,8 +46,14 @@ fn contenders() -> Vec<(&'static str, MakeBalancer)> {
             "weighted-rr",
             ours(tower_lb::strategy::WeightedRoundRobin::new()),
         ),
-        // ("least-conn", ours(tower_lb::strategy::LeastConnections::new())),
-        // ("least-conn-weighted", ours(tower_lb::strategy::LeastConnections::weighted())),
+        (
+            "least-conn",
+            ours(tower_lb::strategy::LeastConnections::new()),
+        ),
+        (
+            "least-conn-weighted",
+            ours(tower_lb::strategy::LeastConnections::weighted()),
+        ),
         ("p2c", ours(tower_lb::strategy::PowerOfTwoChoices::new())),
         (
             "p2c-peak-ewma",

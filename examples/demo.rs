@@ -28,8 +28,8 @@ use tokio::sync::Semaphore;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::strategy::{BoxStrategy, PowerOfTwoChoices};
 use tower_lb::{
-    discover, key_fn, BalanceLayer, ConsistentHash, Random, RoundRobin, Weight, Weighted,
-    WeightedRoundRobin,
+    discover, key_fn, BalanceLayer, ConsistentHash, LeastConnections, Random, RoundRobin, Weight,
+    Weighted, WeightedRoundRobin,
 };
 
 /// A backend: how long a request takes, how many it serves at once, and its weight.
@@ -80,6 +80,16 @@ fn strategies() -> Vec<(&'static str, BoxStrategy, &'static str)> {
             "random-weighted",
             BoxStrategy::new(Random::weighted()),
             "by capacity",
+        ),
+        (
+            "least-conn",
+            BoxStrategy::new(LeastConnections::new()),
+            "fewest in flight",
+        ),
+        (
+            "least-conn-w",
+            BoxStrategy::new(LeastConnections::weighted()),
+            "fewest in flight per weight",
         ),
         (
             "p2c",

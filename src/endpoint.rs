@@ -7,11 +7,28 @@
 //! keeps the state alive on its own: removing the endpoint, swapping the strategy or
 //! publishing a new table never invalidates a guard, and a guard never refers to a slot index
 //! that could be reused for another endpoint.
+//!
+//! # Load reporting (opt-in)
+//!
+//! A picker that needs the least-loaded endpoint without reading all of them (least
+//! connections) gives endpoints a place in a [`LoadIndex`] ([`EndpointState::install_watch`],
+//! off the request path) and then *activates* reporting ([`EndpointState::activate`]): from
+//! then on the endpoint reports every change of its in-flight count to the index, on the
+//! request path. Reporting is marked by the top bit of `refs` ([`WATCHED`]), so an endpoint
+//! that never reports — every endpoint of a round-robin balancer — pays one predictable branch
+//! on the value its dispatch read-modify-write returns anyway, and its guard one on a flag it
+//! keeps from that value. An endpoint reports for life once activated, also if the balancer
+//! swaps to a strategy that does not read the index.
+//!
+//! Activation only happens while nothing is in flight, so a guard's endpoint reports for the
+//! whole life of the guard or not at all: the flag stays true, and a guard that does not
+//! report never sees `WATCHED` in its release.
 
 use std::fmt;
-use std::ptr::NonNull;
+use std::ptr::{self, NonNull};
 
-use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
+use crate::load_index::LoadIndex;
+use crate::sync::{fence, Arc, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// The balancer's clock: tokio's, so that latency estimates follow a paused test clock.
 pub(crate) mod clock {
@@ -60,38 +77,65 @@ impl EndpointEvents {
 const OWNER: u64 = 1 << 32;
 /// The in-flight count, in the low half of `refs`.
 const IN_FLIGHT_MASK: u64 = OWNER - 1;
+/// Set in `refs` once the endpoint reports its load to an index; far above any owner count.
+const WATCHED: u64 = 1 << 63;
+
+/// An endpoint's place in a load index.
+pub(crate) struct Watch {
+    pub(crate) index: Arc<LoadIndex>,
+    pub(crate) slot: usize,
+}
+
+/// What [`EndpointState::activate`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// This call started the reporting.
+    Activated,
+    /// The endpoint already reports.
+    AlreadyActive,
+    /// Requests are in flight (or no watch is installed): try again later.
+    Busy,
+}
 
 /// The shared state of one endpoint.
 ///
 /// Aligned to two cache lines so that counters of different endpoints, touched by different
-/// threads, never share a line.
-#[repr(align(128))]
+/// threads, never share a line. In C layout so that everything a request touches — including
+/// what a load report reads — sits in the first 64 bytes.
+#[repr(C, align(128))]
 pub(crate) struct EndpointState {
-    /// `owners << 32 | in_flight`.
+    /// `owners << 32 | in_flight`, plus [`WATCHED`].
     refs: AtomicU64,
     /// Requests dispatched to this endpoint since it was first inserted.
     picks: AtomicU64,
-    /// Requests and readiness checks that failed.
-    failures: AtomicU64,
+    /// The index `watch` owns, copied here for reports; null until attached.
+    report_to: AtomicPtr<LoadIndex>,
+    /// The slot `watch` holds, copied here for reports.
+    report_slot: AtomicU32,
+    /// Responses that failed in a row; a success resets it.
+    consecutive_failures: AtomicU32,
     /// The weight strategies see (at least 1): the configured weight, or less while the
     /// endpoint is slow-starting.
     weight: AtomicU32,
-    /// The weight discovery or a handle gave (at least 1).
-    configured_weight: AtomicU32,
     /// `BROKEN | EJECTED | DRAINING`.
     flags: AtomicU32,
+    /// Requests and readiness checks that failed.
+    failures: AtomicU64,
+    /// The weight discovery or a handle gave (at least 1).
+    configured_weight: AtomicU32,
     /// Who to tell when the endpoint fails too often; `None` outside a balancer.
     events: Option<std::sync::Arc<EndpointEvents>>,
     /// Woken when the last in-flight request of a draining endpoint finishes.
     drained: futures_util::task::AtomicWaker,
-    /// Responses that failed in a row; a success resets it.
-    consecutive_failures: AtomicU32,
     /// The PeakEWMA latency estimate in nanoseconds, as `f64` bits; 0 before any sample.
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last updated, in nanoseconds on the [`clock`] scale.
     rtt_at: AtomicU64,
     /// A stable name for hashing strategies; fixed for the endpoint's life.
     identity: Box<str>,
+    /// The index this endpoint reports its load to; null until attached, then fixed for life
+    /// (and freed with the state), so a reporter holding a reference on the state can use it.
+    watch: AtomicPtr<Watch>,
     /// Lets loom see the cell's life: a leaked cell leaks this `Arc` and a double free drops
     /// it twice, and loom reports both.
     #[cfg(tower_lb_loom)]
@@ -99,10 +143,19 @@ pub(crate) struct EndpointState {
 }
 
 impl EndpointState {
+    #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
         self.refs.load(Ordering::Acquire) & IN_FLIGHT_MASK
     }
 
+    /// The in-flight count, read with a read-modify-write: a cleaner of a [`LoadIndex`] bit
+    /// reads it this way after clearing, so that it meets the endpoint's own report on this
+    /// word (see the index's docs).
+    pub(crate) fn in_flight_latest(&self) -> u64 {
+        self.refs.fetch_add(0, Ordering::AcqRel) & IN_FLIGHT_MASK
+    }
+
+    #[inline]
     pub(crate) fn picks(&self) -> u64 {
         self.picks.load(Ordering::Relaxed)
     }
@@ -115,6 +168,7 @@ impl EndpointState {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }
@@ -133,6 +187,7 @@ impl EndpointState {
         self.weight.store(weight, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
@@ -157,6 +212,7 @@ impl EndpointState {
     }
 
     /// Ends a run of failures. Reads first so that the common case writes nothing.
+    #[inline]
     pub(crate) fn record_response_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -198,10 +254,12 @@ impl EndpointState {
         &self.identity
     }
 
+    #[inline]
     pub(crate) fn flags(&self) -> u32 {
         self.flags.load(Ordering::Relaxed)
     }
 
+    #[inline]
     pub(crate) fn is_broken(&self) -> bool {
         self.flags() & BROKEN != 0
     }
@@ -210,6 +268,7 @@ impl EndpointState {
         self.flags() & EJECTED != 0
     }
 
+    #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.flags() & DRAINING != 0
     }
@@ -236,24 +295,139 @@ impl EndpointState {
     pub(crate) fn register_drain_waker(&self, waker: &std::task::Waker) {
         self.drained.register(waker);
     }
+
+    /// The index place this endpoint has, if a picker installed one.
+    pub(crate) fn watch(&self) -> Option<&Watch> {
+        // SAFETY: a watch, once set, is never replaced and lives as long as the state.
+        unsafe { self.watch.load(Ordering::Acquire).as_ref() }
+    }
+
+    /// Gives the endpoint `slot` in `index`, for life; it does not report until
+    /// [`activate`](Self::activate)d. `false` (changing nothing) if it already has a place, or
+    /// if `slot` does not fit the 32 bits kept for reports.
+    pub(crate) fn install_watch(&self, index: Arc<LoadIndex>, slot: usize) -> bool {
+        if u32::try_from(slot).is_err() {
+            return false;
+        }
+        let watch = Box::into_raw(Box::new(Watch { index, slot }));
+        let installed = self
+            .watch
+            .compare_exchange(ptr::null_mut(), watch, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !installed {
+            // SAFETY: made just above and never shared.
+            drop(unsafe { Box::from_raw(watch) });
+        }
+        installed
+    }
+
+    /// Whether the endpoint reports its load.
+    pub(crate) fn is_reporting(&self) -> bool {
+        self.refs.load(Ordering::Acquire) & WATCHED != 0
+    }
+
+    /// Starts reporting to the installed watch, if nothing is in flight (see the module docs).
+    /// On [`Activation::Activated`] the caller must record the endpoint at level 0.
+    pub(crate) fn activate(&self) -> Activation {
+        let Some(watch) = self.watch() else {
+            return Activation::Busy;
+        };
+        let mut refs = self.refs.load(Ordering::Acquire);
+        loop {
+            if refs & WATCHED != 0 {
+                return Activation::AlreadyActive;
+            }
+            if refs & IN_FLIGHT_MASK != 0 {
+                return Activation::Busy;
+            }
+            // Racing activators store the same values.
+            self.report_slot.store(watch.slot as u32, Ordering::Relaxed);
+            self.report_to
+                .store(Arc::as_ptr(&watch.index).cast_mut(), Ordering::Relaxed);
+            // `Release` publishes both to reporters that see the bit (they fence `Acquire`). A
+            // dispatch either comes first (and the exchange fails on its count) or sees the bit.
+            match self.refs.compare_exchange_weak(
+                refs,
+                refs | WATCHED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Activation::Activated,
+                Err(now) => refs = now,
+            }
+        }
+    }
+
+    /// Reports the in-flight count that the caller's read-modify-write of `refs` produced.
+    /// The caller saw `WATCHED` and holds a reference on the state.
+    #[inline]
+    fn report_in_flight(&self, in_flight: u64) {
+        // Pairs with the `Release` of `WATCHED` in `attach`: seeing the bit makes the watch
+        // visible.
+        fence(Ordering::Acquire);
+        // SAFETY: `watch` owns the index for as long as the state lives.
+        if let Some(index) = unsafe { self.report_to.load(Ordering::Relaxed).as_ref() } {
+            index.report(in_flight, self.report_slot.load(Ordering::Relaxed) as usize);
+        }
+    }
+}
+
+impl Drop for EndpointState {
+    fn drop(&mut self) {
+        let watch = self.watch.load(Ordering::Acquire);
+        if !watch.is_null() {
+            // SAFETY: the watch was made by `Box::into_raw` in `attach` and nothing else can
+            // reach this state any more.
+            let watch = unsafe { Box::from_raw(watch) };
+            watch.index.free_slot(watch.slot);
+        }
+    }
 }
 
 /// Drops `count` from `refs` and frees the cell when nothing refers to it any more.
 ///
 /// # Safety
 /// `ptr` must point to a live cell on which the caller holds `count` references.
+#[inline]
 unsafe fn release(ptr: NonNull<EndpointState>, count: u64) {
     // SAFETY: the caller holds `count` references, so the cell is alive until the subtraction.
     let prev = unsafe { ptr.as_ref() }
         .refs
         .fetch_sub(count, Ordering::Release);
-    if prev == count {
-        // Synchronise with every other release before freeing, as `Arc` does.
-        fence(Ordering::Acquire);
-        // SAFETY: the count reached zero, so this was the last reference; the cell was made by
-        // `Box::new` in `EndpointHandle::new`.
-        drop(unsafe { Box::from_raw(ptr.as_ptr()) });
+    if prev & !WATCHED == count {
+        // SAFETY: that was the last reference.
+        unsafe { free(ptr) }
     }
+}
+
+/// Ends one request to an endpoint that does not report its load: [`release`] of one
+/// in-flight reference, minus the masking. `WATCHED` cannot be set here: reporting starts
+/// only while nothing is in flight, and this reference was in flight until the subtraction.
+///
+/// # Safety
+/// As for [`release`], with `count` 1, on an endpoint that did not report when the reference
+/// was taken.
+#[inline]
+unsafe fn release_in_flight(ptr: NonNull<EndpointState>) {
+    // SAFETY: the caller's reference keeps the cell alive until the subtraction.
+    if unsafe { ptr.as_ref() }.refs.fetch_sub(1, Ordering::Release) == 1 {
+        // SAFETY: that was the last reference.
+        unsafe { free(ptr) }
+    }
+}
+
+/// Frees a cell after its last reference was released.
+///
+/// # Safety
+/// The caller released the last reference to the cell at `ptr`.
+#[cold]
+#[inline(never)]
+unsafe fn free(ptr: NonNull<EndpointState>) {
+    // Synchronise with every other release before freeing, as `Arc` does.
+    fence(Ordering::Acquire);
+    // SAFETY: nothing refers to the cell any more; it was made by `Box::new` in
+    // `EndpointHandle::new`.
+    drop(unsafe { Box::from_raw(ptr.as_ptr()) });
 }
 
 /// An owning handle on an endpoint's state, held by the endpoint table and its snapshots.
@@ -291,6 +465,9 @@ impl EndpointHandle {
             rtt_ns: AtomicU64::new(0),
             rtt_at: AtomicU64::new(0),
             identity,
+            report_to: AtomicPtr::new(ptr::null_mut()),
+            report_slot: AtomicU32::new(0),
+            watch: AtomicPtr::new(ptr::null_mut()),
             #[cfg(tower_lb_loom)]
             _life: crate::sync::Arc::new(()),
         });
@@ -301,6 +478,7 @@ impl EndpointHandle {
 
     /// Counts a request as dispatched to this endpoint and returns the guard that counts it
     /// down again.
+    #[inline]
     pub(crate) fn dispatch(&self) -> InFlightGuard {
         let prev = self.refs.fetch_add(1, Ordering::Relaxed);
         if prev & IN_FLIGHT_MASK == IN_FLIGHT_MASK {
@@ -309,13 +487,26 @@ impl EndpointHandle {
             std::process::abort();
         }
         self.picks.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard { ptr: self.ptr }
+        let reports = prev & WATCHED != 0;
+        if reports {
+            self.report_dispatch(prev);
+        }
+        InFlightGuard {
+            ptr: self.ptr,
+            reports,
+        }
+    }
+
+    /// Out of line, so that endpoints that do not report keep a small `dispatch`.
+    #[inline(never)]
+    fn report_dispatch(&self, prev: u64) {
+        self.report_in_flight((prev & IN_FLIGHT_MASK) + 1);
     }
 
     /// Whether this is the only handle left and nothing is in flight: no snapshot can dispatch
     /// to the endpoint any more.
     pub(crate) fn is_idle_and_unshared(&self) -> bool {
-        self.refs.load(Ordering::Acquire) == OWNER
+        self.refs.load(Ordering::Acquire) & !WATCHED == OWNER
     }
 
     /// Whether two handles refer to the same endpoint.
@@ -327,6 +518,7 @@ impl EndpointHandle {
 impl std::ops::Deref for EndpointHandle {
     type Target = EndpointState;
 
+    #[inline]
     fn deref(&self) -> &EndpointState {
         // SAFETY: the handle holds an owner reference, so the cell is alive.
         unsafe { self.ptr.as_ref() }
@@ -370,6 +562,9 @@ impl fmt::Debug for EndpointHandle {
 #[must_use = "dropping the guard ends the request's in-flight accounting"]
 pub struct InFlightGuard {
     ptr: NonNull<EndpointState>,
+    /// Whether the endpoint reports its load, read from the dispatch's read-modify-write. It
+    /// cannot change while the guard lives: reporting starts only while nothing is in flight.
+    reports: bool,
 }
 
 // SAFETY: see `EndpointHandle`.
@@ -378,6 +573,7 @@ unsafe impl Send for InFlightGuard {}
 unsafe impl Sync for InFlightGuard {}
 
 impl InFlightGuard {
+    #[inline]
     fn state(&self) -> &EndpointState {
         // SAFETY: the guard holds one in-flight reference, so the cell is alive.
         unsafe { self.ptr.as_ref() }
@@ -395,6 +591,7 @@ impl InFlightGuard {
     }
 
     /// Counts the request as answered successfully, ending any run of failures.
+    #[inline]
     pub fn record_success(&self) {
         self.state().record_response_success();
     }
@@ -416,21 +613,51 @@ impl InFlightGuard {
 }
 
 impl Drop for InFlightGuard {
+    #[inline]
     fn drop(&mut self) {
         if self.state().is_draining() {
             // Someone waits for the drain: keep the cell alive (as an owner) across the
             // release so the waker can be reached afterwards.
             let owner = self.owner();
-            // SAFETY: this guard holds one in-flight reference.
-            unsafe { release(self.ptr, 1) };
+            if self.reports {
+                // SAFETY: this guard holds one in-flight reference on an endpoint that reports.
+                unsafe { release_reporting(self.ptr) }
+            } else {
+                // SAFETY: as above, on an endpoint that did not report at dispatch.
+                unsafe { release_in_flight(self.ptr) }
+            }
             if owner.in_flight() == 0 {
                 owner.drained.wake();
             }
             return;
         }
-        // SAFETY: this guard holds one in-flight reference.
-        unsafe { release(self.ptr, 1) }
+        if self.reports {
+            // SAFETY: this guard holds one in-flight reference on an endpoint that reports.
+            unsafe { release_reporting(self.ptr) }
+        } else {
+            // SAFETY: as above, on an endpoint that did not report at dispatch.
+            unsafe { release_in_flight(self.ptr) }
+        }
     }
+}
+
+/// Ends one request to an endpoint that reports its load, and reports the new count.
+///
+/// The report must follow the decrement, and the state (which owns the watch, which owns the
+/// index) must outlive the report, so the in-flight reference is traded for an owner reference
+/// in one step — `OWNER - 1` takes one from the low half and adds one to the high half — and
+/// that is released after reporting.
+///
+/// # Safety
+/// The caller holds one in-flight reference on a live state that reports.
+#[inline(never)]
+unsafe fn release_reporting(ptr: NonNull<EndpointState>) {
+    // SAFETY: the caller's reference keeps the state alive, and then the owner reference does.
+    let state = unsafe { ptr.as_ref() };
+    let prev = state.refs.fetch_add(OWNER - 1, Ordering::Release);
+    state.report_in_flight((prev & IN_FLIGHT_MASK) - 1);
+    // SAFETY: the owner reference taken above.
+    unsafe { release(ptr, OWNER) }
 }
 
 impl fmt::Debug for InFlightGuard {
@@ -500,6 +727,67 @@ mod loom_tests {
             t3.join().unwrap();
             assert_eq!(handle.in_flight(), 0);
             assert_eq!(handle.picks(), 2);
+        });
+    }
+
+    /// A dispatch and its release race the activation of load reporting: activation only
+    /// succeeds while nothing is in flight, so once all is done the index holds the endpoint
+    /// at its count whichever came first, and the state (with its watch) is freed once.
+    #[test]
+    fn activation_races_a_request() {
+        use crate::sync::Arc;
+        loom::model(|| {
+            let handle = EndpointHandle::new(1);
+            let index = Arc::new(LoadIndex::new(64));
+            assert!(handle.install_watch(Arc::clone(&index), 0));
+            let copy = handle.clone();
+            let t = thread::spawn(move || {
+                let guard = copy.dispatch();
+                drop(copy);
+                guard
+            });
+            let activated = handle.activate();
+            if activated == Activation::Activated {
+                index.insert(0, 0);
+            }
+            let guard = t.join().unwrap();
+            if handle.is_reporting() {
+                assert!(index.holds(1, 0), "the dispatch was not reported");
+            } else {
+                assert_eq!(activated, Activation::Busy);
+            }
+            drop(guard);
+            if !handle.is_reporting() {
+                assert_eq!(handle.activate(), Activation::Activated);
+                index.insert(0, 0);
+            }
+            assert!(index.holds(0, 0), "the release was not reported");
+            assert!(!handle.install_watch(Arc::clone(&index), 1));
+            drop(handle);
+        });
+    }
+
+    /// Guards of a reporting endpoint are dropped on two threads while a third drops the last
+    /// handle: each release reports before letting go, nothing is used after it is freed, the
+    /// state is freed once (loom checks all three), and the index ends with the endpoint at 0.
+    #[test]
+    fn reporting_releases_race_the_last_handle() {
+        use crate::sync::Arc;
+        loom::model(|| {
+            let handle = EndpointHandle::new(1);
+            let index = Arc::new(LoadIndex::new(64));
+            assert!(handle.install_watch(Arc::clone(&index), 3));
+            assert_eq!(handle.activate(), Activation::Activated);
+            let g1 = handle.dispatch();
+            let g2 = handle.dispatch();
+            assert!(index.holds(2, 3));
+            let t1 = thread::spawn(move || drop(g1));
+            let t2 = thread::spawn(move || drop(g2));
+            let t3 = thread::spawn(move || drop(handle));
+            t1.join().unwrap();
+            t2.join().unwrap();
+            t3.join().unwrap();
+            assert!(index.holds(0, 3), "the last release was not reported");
         });
     }
 

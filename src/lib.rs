@@ -41,21 +41,22 @@
 //! |---|---|---|---|
 //! | [`RoundRobin`] | each endpoint in turn | `poll_ready` | O(1) |
 //! | [`WeightedRoundRobin`] | smooth weighted rotation (3:1:1 → `a b a c a`), exact shares per cycle | `poll_ready` | O(1) (precomputed cycle ≤ 2^18), else O(log n) per clone |
-//! | `LeastConnections` | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
+//! | [`LeastConnections`] | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
 //! | [`PowerOfTwoChoices`] | the less loaded of two distinct weighted samples; load = in-flight or PeakEWMA latency × (in-flight + 1) | `poll_ready` | O(1) |
 //! | [`ConsistentHash`] | by request key: ring (Ketama, or nginx-compatible), Maglev; optional bounded loads | `call` | O(log n) ring, O(1) Maglev |
 //! | [`Random`] | uniform or weighted (alias table) | `poll_ready` | O(1) |
 //!
-//! **The recommended default is [`PowerOfTwoChoices::peak_ewma()`]**. In the virtual-time
-//! quality benchmark (`cargo bench --bench quality`: equal backends at 70% and 90% load,
-//! capacities 3:1:1, one backend 10× slower, heavy-tailed costs, one backend failing fast,
-//! one hanging) it is within 2% of the best of tower's p2c variants and least-connections on
-//! p99 wherever every request is served, far better where one backend is slow, and it sends
-//! a fail-fast endpoint 25–50× fewer requests than round-robin or tower's p2c, because
-//! recent failures count against an endpoint. Where a backend fails fast its p99 over the
-//! successful requests is ~10% above tower's p2c: tower's balancer uses the failing backend
-//! as a sink for a quarter of all requests (50× more errors), which unloads the healthy
-//! ones. The figures are in `BENCHMARKS.md`.
+//! **The recommended default is [`PowerOfTwoChoices::peak_ewma()`]**. No strategy is best
+//! everywhere in the virtual-time quality benchmark (`cargo bench --bench quality`: equal
+//! backends at 70% and 90% load, capacities 3:1:1, one backend 10× slower, heavy-tailed costs,
+//! one backend failing fast, one hanging), but this one is never bad: its p99 is within 1–4%
+//! of the best of tower's p2c variants and exact least-connections with equal or unequal
+//! backends and with a 10× slow one (where least-connections is 2.5× worse), 6–8% above the
+//! best with heavy tails and with a hanging backend, and it sends a fail-fast endpoint 4% of
+//! the errors round-robin does (tower's p2c: 2×), because recent failures count against an
+//! endpoint. Where a backend fails fast its p99 over the served requests is 12% above tower's
+//! p2c, which uses the failing backend as a sink for a quarter of all requests. The figures are
+//! in `BENCHMARKS.md`.
 //!
 //! # How it works
 //!
@@ -138,6 +139,7 @@ pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 mod key;
+mod load_index;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 mod rng;
@@ -154,8 +156,8 @@ pub use error::{ConfigError, Error};
 pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
 pub use strategy::{
-    ConsistentHash, KeyFallback, PowerOfTwoChoices, Random, RoundRobin, Swappable,
-    WeightedRoundRobin,
+    ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random, RoundRobin,
+    Swappable, WeightedRoundRobin,
 };
 pub use weight::{Weight, Weighted};
 

@@ -3,13 +3,13 @@
 
 #[cfg(tower_lb_loom)]
 pub(crate) use loom::sync::{
-    atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering},
     Arc, Mutex, MutexGuard,
 };
 
 #[cfg(not(tower_lb_loom))]
 pub(crate) use std::sync::{
-    atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering},
     Arc, Mutex, MutexGuard,
 };
 

@@ -1,17 +1,23 @@
 //! The request path allocates nothing: after warm-up, `poll_ready` + `call` + the response
-//! future of a `Balance` over allocation-free endpoints make zero heap allocations.
+//! future of a `Balance` over allocation-free endpoints make zero heap allocations, for every
+//! strategy (and both paths of those that have two).
 
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::fmt::Debug;
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use common::Echo;
-use tower::Service;
-use tower_lb::{discover, Balance, RoundRobin};
+use tower::{Layer, Service};
+use tower_lb::strategy::{PowerOfTwoChoices, Strategy};
+use tower_lb::{
+    discover, key_fn, Balance, BalanceLayer, ConsistentHash, LeastConnections, Random, RoundRobin,
+    Weight, Weighted, WeightedRoundRobin,
+};
 
 struct Counting;
 
@@ -47,12 +53,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn one_request<S: Service<(), Response = usize>>(svc: &mut S, cx: &mut Context<'_>) -> usize
+fn one_request<S: Service<u64, Response = usize>>(
+    svc: &mut S,
+    cx: &mut Context<'_>,
+    n: u64,
+) -> usize
 where
-    S::Error: std::fmt::Debug,
+    S::Error: Debug,
 {
     assert!(matches!(svc.poll_ready(cx), Poll::Ready(Ok(()))));
-    let future = pin!(svc.call(()));
+    let future = pin!(svc.call(n));
     match future.poll(cx) {
         Poll::Ready(Ok(id)) => id,
         other => panic!(
@@ -62,8 +72,50 @@ where
     }
 }
 
+/// Warms `svc` up (which may allocate clone-private state once), then counts the
+/// allocations of 10,000 requests.
+fn allocations<S: Service<u64, Response = usize>>(svc: &mut S) -> u64
+where
+    S::Error: Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    for n in 0..100 {
+        one_request(svc, &mut cx, n);
+    }
+    ALLOCATIONS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    for n in 0..10_000 {
+        one_request(svc, &mut cx, n);
+    }
+    COUNTING.with(|c| c.set(false));
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// Endpoints with these weights, each answering its index.
+fn weighted(weights: &[u32]) -> Vec<(usize, Weighted<Echo>)> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(id, &w)| (id, Weighted::new(Echo(id), Weight::new(w).unwrap())))
+        .collect()
+}
+
+/// The allocations of 10,000 requests through a weighted balancer with `strategy`, keyed by
+/// the request number for keyed strategies.
+fn through<St: Strategy + Clone>(strategy: St, weights: &[u32]) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let mut balance = BalanceLayer::new(strategy)
+        .weighted()
+        .key(key_fn(|n: &u64| Some(n.to_le_bytes())))
+        .layer(discover::fixed(weighted(weights)));
+    allocations(&mut balance)
+}
+
 #[test]
-fn zero_allocations_per_request_after_warm_up() {
+fn round_robin_and_its_clones_allocate_nothing() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -71,36 +123,69 @@ fn zero_allocations_per_request_after_warm_up() {
     let endpoints = (0..16).map(|id| (id, Echo(id)));
     let mut balance = Balance::new(discover::fixed(endpoints), RoundRobin::new());
     let mut clone = balance.clone();
-    let mut cx = Context::from_waker(Waker::noop());
-
-    for _ in 0..100 {
-        one_request(&mut balance, &mut cx);
-        one_request(&mut clone, &mut cx);
-    }
-
-    COUNTING.with(|c| c.set(true));
-    let mut seen = [0u32; 16];
-    for _ in 0..10_000 {
-        seen[one_request(&mut balance, &mut cx)] += 1;
-        seen[one_request(&mut clone, &mut cx)] += 1;
-    }
-    COUNTING.with(|c| c.set(false));
-
-    assert_eq!(
-        ALLOCATIONS.with(Cell::get),
-        0,
-        "allocations on the request path"
-    );
-    assert!(
-        seen.iter().all(|&n| n == 1250),
-        "the requests were balanced: {seen:?}"
-    );
+    assert_eq!(allocations(&mut balance), 0);
+    assert_eq!(allocations(&mut clone), 0);
     assert_eq!(balance.stats().picks(), 20_200);
 }
 
 #[test]
+fn weighted_round_robin_allocates_nothing_on_either_path() {
+    // A cycle of 5 (precomputed) and one of ~3·10^6 picks (scheduled per clone).
+    assert_eq!(through(WeightedRoundRobin::new(), &[3, 1, 1]), 0);
+    assert_eq!(
+        through(WeightedRoundRobin::new(), &[1_000_000, 999_999, 999_998]),
+        0
+    );
+}
+
+#[test]
+fn random_allocates_nothing() {
+    assert_eq!(through(Random::new(), &[1, 2, 3]), 0);
+    assert_eq!(through(Random::weighted(), &[1, 2, 3]), 0);
+}
+
+#[test]
+fn least_connections_allocates_nothing_by_scan_or_index() {
+    for n in [3, 40] {
+        let weights: Vec<u32> = (0..n).map(|id| 1 + id % 2).collect();
+        assert_eq!(through(LeastConnections::new(), &weights), 0, "n = {n}");
+        assert_eq!(
+            through(LeastConnections::weighted(), &weights),
+            0,
+            "weighted, n = {n}"
+        );
+    }
+}
+
+#[test]
+fn power_of_two_choices_allocates_nothing() {
+    let weights: Vec<u32> = (0..16).map(|id| 1 + id % 5).collect();
+    for strategy in [PowerOfTwoChoices::new(), PowerOfTwoChoices::peak_ewma()] {
+        assert_eq!(through(strategy.clone(), &[1; 16]), 0, "{strategy:?}");
+        assert_eq!(
+            through(strategy.clone(), &weights),
+            0,
+            "{strategy:?}, weighted"
+        );
+    }
+}
+
+#[test]
+fn consistent_hashing_allocates_nothing() {
+    assert_eq!(through(ConsistentHash::maglev(), &[1, 2, 3, 4]), 0);
+    assert_eq!(through(ConsistentHash::ring(), &[1, 2, 3, 4]), 0);
+    assert_eq!(
+        through(
+            ConsistentHash::maglev().bounded_load(1.25).unwrap(),
+            &[1, 2, 3, 4]
+        ),
+        0
+    );
+}
+
+#[test]
 fn the_counter_sees_allocations() {
-    // Guards the test above against a counter that never counts.
+    // Guards the tests above against a counter that never counts.
     COUNTING.with(|c| c.set(true));
     let boxed = std::hint::black_box(Box::new(1u64));
     COUNTING.with(|c| c.set(false));

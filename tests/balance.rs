@@ -428,3 +428,17 @@ async fn the_layer_composes_with_service_builder_and_errors_pass_through() {
         )]));
     assert_eq!(ok.oneshot(()).await.unwrap(), 5);
 }
+
+#[test]
+fn a_long_fixed_list_is_in_the_table_right_after_construction() {
+    // No runtime turn happens between construction and the check.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let balance = Balance::new(
+        discover::fixed((0..5000).map(|id| (id, Echo(id)))),
+        RoundRobin::new(),
+    );
+    assert_eq!(balance.stats().available(), 5000);
+}

@@ -1,14 +1,9 @@
 //! Weighted round-robin and random strategies through a real `Balance`: weights from
-//! discovery and from a handle, readiness, clones, and no allocation per request.
+//! discovery and from a handle, readiness and clones (allocations: `tests/alloc.rs`).
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
 use common::{settle, Echo, Gate, Gated};
 use tower::util::BoxCloneService;
@@ -180,102 +175,4 @@ async fn weighted_random_follows_discovery_weights_then_a_reweight() {
     let seen = tally(&sequence(&mut balance, 20_000).await);
     // Now 99:297 = 1:3: 15,000 expected, σ ≈ 61.
     assert!((14_630..=15_370).contains(&seen[&1]), "{seen:?}");
-}
-
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: defers to the system allocator; only counts calls on the measuring thread.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.with(|a| a.set(a.get() + 1));
-        }
-        // SAFETY: forwarded unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.with(|a| a.set(a.get() + 1));
-        }
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocations made by 1,000 requests through `balance` after 100 of warm-up (which may
-/// allocate clone-private scheduling state once).
-fn allocations_per_thousand_requests<St>(strategy: St, weights: &[u32]) -> u64
-where
-    St: tower_lb::strategy::Strategy + Clone,
-{
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let _entered = runtime.enter();
-    let mut balance = BalanceLayer::new(strategy)
-        .weighted()
-        .layer(discover::fixed(weighted(weights)));
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut one_request = |cx: &mut Context<'_>| {
-        assert!(matches!(
-            Service::<()>::poll_ready(&mut balance, cx),
-            Poll::Ready(Ok(()))
-        ));
-        let future = pin!(balance.call(()));
-        assert!(matches!(future.poll(cx), Poll::Ready(Ok(_))));
-    };
-    for _ in 0..100 {
-        one_request(&mut cx);
-    }
-    ALLOCATIONS.with(|a| a.set(0));
-    COUNTING.with(|c| c.set(true));
-    for _ in 0..1_000 {
-        one_request(&mut cx);
-    }
-    COUNTING.with(|c| c.set(false));
-    ALLOCATIONS.with(Cell::get)
-}
-
-#[test]
-fn no_allocation_per_request() {
-    // A cycle of 5 (precomputed) and one of ~3·10^6 picks (scheduled per clone).
-    for weights in [&[3, 1, 1][..], &[1_000_000, 999_999, 999_998]] {
-        assert_eq!(
-            allocations_per_thousand_requests(WeightedRoundRobin::new(), weights),
-            0,
-            "weighted round-robin, weights {weights:?}"
-        );
-    }
-    assert_eq!(
-        allocations_per_thousand_requests(Random::new(), &[1, 2, 3]),
-        0
-    );
-    assert_eq!(
-        allocations_per_thousand_requests(Random::weighted(), &[1, 2, 3]),
-        0
-    );
-}
-
-#[test]
-fn the_allocation_counter_sees_allocations() {
-    // Guards the test above against a counter that never counts.
-    COUNTING.with(|c| c.set(true));
-    let boxed = std::hint::black_box(Box::new(1u64));
-    COUNTING.with(|c| c.set(false));
-    drop(boxed);
-    assert!(ALLOCATIONS.with(Cell::get) >= 1);
 }

@@ -20,7 +20,7 @@ use tower::BoxError;
 use super::shared::{Config, Control, Member, SharedOf, Snapshot};
 use crate::endpoint::{EndpointEvents, EndpointHandle, EJECTED};
 use crate::health::slow_start::{SCALE, STEPS};
-use crate::strategy::{Endpoints, Strategy};
+use crate::strategy::{decay_ns, Endpoints, Picker, Strategy};
 use crate::sync::{lock, Mutex, Ordering};
 use crate::weight::Weigh;
 
@@ -41,6 +41,8 @@ pub(crate) struct Driver<D: Discover, St: Strategy, Kx, W> {
     events: Arc<EndpointEvents>,
     /// The next ejection end or slow-start step.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the last step stopped at its budget with more changes possibly ready.
+    more_ready: bool,
 }
 
 impl<D, St, Kx, W> Driver<D, St, Kx, W>
@@ -72,7 +74,13 @@ where
             ejected: Box::pin(Arc::clone(&events.wake).notified_owned()),
             events,
             timer: None,
+            more_ready: false,
         }
+    }
+
+    /// Whether the last step stopped at its budget with more changes possibly ready.
+    pub(crate) fn more_ready(&self) -> bool {
+        self.more_ready
     }
 
     /// Whether the health features that need a clock are on.
@@ -148,7 +156,8 @@ where
         if self.timed() {
             self.arm_timer(&shared, cx);
         }
-        if budget == 0 {
+        self.more_ready = budget == 0;
+        if self.more_ready {
             // More changes may be ready: come back after other tasks had a turn.
             cx.waker().wake_by_ref();
         }
@@ -387,6 +396,8 @@ where
         shared.table.publish(Snapshot {
             endpoints: endpoints.into_boxed_slice(),
             services: Mutex::new(services.into_boxed_slice()),
+            keyed: picker.is_keyed(),
+            latency_decay_ns: picker.latency_decay().map(decay_ns),
             picker,
             honor_ejection: !panic,
         });

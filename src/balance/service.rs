@@ -202,6 +202,8 @@ where
             table: Published::new(Snapshot {
                 endpoints: Box::new([]),
                 services: Mutex::new(Box::new([])),
+                keyed: empty.is_keyed(),
+                latency_decay_ns: empty.latency_decay().map(decay_ns),
                 picker: empty,
                 honor_ejection: true,
             }),
@@ -226,9 +228,10 @@ where
             config,
             events,
         );
-        // Take in whatever discovery has ready now (a fixed list, say), so the first request
-        // does not race the task's first turn. The task registers its real waker when it runs.
-        let _ = driver.poll_step(&mut Context::from_waker(std::task::Waker::noop()));
+        // Take in everything discovery has ready now (a fixed list, say, however long), so the
+        // first request does not race the task's first turn. The task registers its real waker when it runs.
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        while driver.poll_step(&mut noop).is_pending() && driver.more_ready() {}
         *lock(&shared.unspawned) = Some(Box::pin(driver));
         // Start discovery now if a runtime is current; otherwise at the first poll_ready.
         let _ = shared.spawn_driver();
@@ -275,53 +278,36 @@ where
     D::Service: Clone,
     St: Strategy,
 {
-    /// Polls endpoint `index` of this clone for readiness. A failed endpoint is counted,
-    /// skipped by this clone from now on and reported to the discovery task.
-    fn poll_endpoint<Req>(&mut self, index: usize, cx: &mut Context<'_>) -> Poll<bool>
-    where
-        D::Service: Service<Req>,
-        <D::Service as Service<Req>>::Error: Into<BoxError>,
-    {
-        if self.local.dead[index] {
-            return Poll::Ready(false);
-        }
-        let Some(snapshot) = &self.local.snapshot else {
-            return Poll::Ready(false);
-        };
-        let handle = &snapshot.endpoints[index];
-        let flags = handle.flags();
-        let unavailable = BROKEN | DRAINING | if snapshot.honor_ejection { EJECTED } else { 0 };
-        if flags & unavailable != 0 {
-            return Poll::Ready(false);
-        }
-        match self.local.services[index].poll_ready(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(true),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(error)) => {
-                let error: BoxError = error.into();
-                tracing::debug!(%error, "endpoint failed poll_ready");
-                handle.record_failure();
-                self.local.dead[index] = true;
-                let _ = self.shared.control.send(Control::Failed {
-                    handle: handle.clone(),
-                    version: self.local.version,
-                });
-                Poll::Ready(false)
-            }
-        }
-    }
-
     /// Asks the picker (up to three times), then scans, for a ready endpoint.
     ///
     /// `Ready(Some(i))`: endpoint `i` is ready. `Ready(None)`: every endpoint has failed.
     /// `Pending`: some endpoint is pending and none is ready; each pending one will wake us.
+    ///
+    /// The snapshot is borrowed, not cloned: an `Arc` clone per request would be two atomic
+    /// operations on a cache line every clone on every thread shares.
     fn pick_ready<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Option<usize>>
     where
         D::Service: Service<Req>,
         <D::Service as Service<Req>>::Error: Into<BoxError>,
     {
-        let Some(snapshot) = self.local.snapshot.clone() else {
+        let Local {
+            version,
+            snapshot,
+            services,
+            dead,
+            pick,
+            picked_at,
+            ..
+        } = &mut self.local;
+        let Some(snapshot) = snapshot.as_deref() else {
             return Poll::Ready(None);
+        };
+        let mut ready = Readiness {
+            snapshot,
+            services,
+            dead,
+            version: *version,
+            control: &self.shared.control,
         };
         let endpoints = Endpoints::new(&snapshot.endpoints);
         let n = endpoints.len();
@@ -329,15 +315,15 @@ where
             return Poll::Ready(None);
         }
         let mut pending = false;
-        let now = if snapshot.picker.latency_decay().is_some() {
+        let now = if snapshot.latency_decay_ns.is_some() {
             clock::now_ns()
         } else {
             0
         };
-        self.local.picked_at = now;
+        *picked_at = now;
         for _ in 0..3 {
             let mut pick_cx = PickContext {
-                local: &mut self.local.pick,
+                local: pick,
                 key_hash: None,
                 now,
             };
@@ -347,16 +333,16 @@ where
             if index >= n {
                 break;
             }
-            match self.poll_endpoint::<Req>(index, cx) {
+            match ready.poll::<Req>(index, cx) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
             }
         }
-        let start = self.local.pick.rng.below(n);
+        let start = pick.rng.below(n);
         for offset in 0..n {
             let index = (start + offset) % n;
-            match self.poll_endpoint::<Req>(index, cx) {
+            match ready.poll::<Req>(index, cx) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
@@ -397,6 +383,57 @@ where
     }
 }
 
+/// One clone's endpoints, borrowed apart from its picking state so that both can be used at
+/// once without cloning the snapshot.
+struct Readiness<'a, S, P> {
+    snapshot: &'a Snapshot<S, P>,
+    services: &'a mut [S],
+    dead: &'a mut [bool],
+    version: u64,
+    control: &'a mpsc::UnboundedSender<Control>,
+}
+
+impl<S, P> Readiness<'_, S, P> {
+    /// Polls endpoint `index` for readiness. A failed endpoint is counted, skipped by this
+    /// clone from now on and reported to the discovery task.
+    #[inline]
+    fn poll<Req>(&mut self, index: usize, cx: &mut Context<'_>) -> Poll<bool>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+    {
+        if self.dead[index] {
+            return Poll::Ready(false);
+        }
+        let handle = &self.snapshot.endpoints[index];
+        let unavailable = BROKEN
+            | DRAINING
+            | if self.snapshot.honor_ejection {
+                EJECTED
+            } else {
+                0
+            };
+        if handle.flags() & unavailable != 0 {
+            return Poll::Ready(false);
+        }
+        match self.services[index].poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(true),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(error)) => {
+                let error: BoxError = error.into();
+                tracing::debug!(%error, "endpoint failed poll_ready");
+                handle.record_failure();
+                self.dead[index] = true;
+                let _ = self.control.send(Control::Failed {
+                    handle: handle.clone(),
+                    version: self.version,
+                });
+                Poll::Ready(false)
+            }
+        }
+    }
+}
+
 impl<D, St, Kx, C, Req> Service<Req> for Balance<D, St, Kx, C>
 where
     D: Discover,
@@ -421,7 +458,7 @@ where
         let Some(snapshot) = &self.local.snapshot else {
             return self.poll_no_endpoints(version, cx);
         };
-        let usable = if snapshot.picker.is_keyed() {
+        let usable = if snapshot.keyed {
             let live = (0..self.local.dead.len()).any(|i| {
                 !self.local.dead[i] && snapshot.endpoints[i].flags() & (BROKEN | DRAINING) == 0
             });
@@ -453,13 +490,13 @@ where
             }
             Reserved::Endpoint(index) => index,
             Reserved::Keyed => {
-                let latency = snapshot.picker.latency_decay();
+                let latency = snapshot.latency_decay_ns;
                 let now = if latency.is_some() {
                     clock::now_ns()
                 } else {
                     0
                 };
-                let probe = latency.map(|decay| LatencyProbe::new(now, decay_ns(decay)));
+                let probe = latency.map(|decay| LatencyProbe::new(now, decay));
                 let mut hasher = snapshot.picker.key_hasher();
                 let key_hash = self
                     .shared
@@ -508,9 +545,8 @@ where
         };
         let guard = snapshot.endpoints[index].dispatch();
         let probe = snapshot
-            .picker
-            .latency_decay()
-            .map(|decay| LatencyProbe::new(self.local.picked_at, decay_ns(decay)));
+            .latency_decay_ns
+            .map(|decay| LatencyProbe::new(self.local.picked_at, decay));
         ResponseFuture::called(
             self.local.services[index].call(request),
             guard,

@@ -50,6 +50,10 @@ pub(crate) struct Snapshot<S, P> {
     /// mutex so that services need only be `Send`; it is locked only when a clone resyncs.
     pub(crate) services: Mutex<Box<[S]>>,
     pub(crate) picker: P,
+    /// `picker.is_keyed()`, asked once per table rather than per request.
+    pub(crate) keyed: bool,
+    /// `picker.latency_decay()` in nanoseconds, asked once per table.
+    pub(crate) latency_decay_ns: Option<f64>,
     /// False in panic mode, when ejected endpoints are picked too.
     pub(crate) honor_ejection: bool,
 }

@@ -49,6 +49,7 @@
 //! ```
 
 mod consistent_hash;
+mod least_connections;
 mod p2c;
 mod random;
 mod round_robin;
@@ -61,6 +62,7 @@ use crate::endpoint::{EndpointHandle, EndpointState};
 use crate::rng::FastRng;
 
 pub use consistent_hash::{ConsistentHash, ConsistentHashPicker, KeyFallback};
+pub use least_connections::{LeastConnections, LeastConnectionsPicker};
 pub use p2c::{PowerOfTwoChoices, PowerOfTwoChoicesPicker};
 pub use random::{Random, RandomPicker};
 pub use round_robin::{RoundRobin, RoundRobinPicker};
@@ -257,6 +259,16 @@ impl<'a> Endpoints<'a> {
         Endpoint {
             state: &self.handles[index],
         }
+    }
+
+    /// The shared state of the endpoint at `index`, for pickers inside the crate.
+    pub(crate) fn state(&self, index: usize) -> &'a EndpointState {
+        &self.handles[index]
+    }
+
+    /// The handle of the endpoint at `index`, for pickers that keep endpoints.
+    pub(crate) fn handle(&self, index: usize) -> &'a EndpointHandle {
+        &self.handles[index]
     }
 
     /// All endpoints, in table order.

@@ -45,11 +45,16 @@ impl Strategy for RoundRobin {
 impl Picker for RoundRobinPicker {
     #[inline]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
+        let n = endpoints.len() as u64;
         let cursor = cx.cursor();
-        *cursor = cursor.wrapping_add(1);
-        // `% len` is a division, but a cheap one next to a service call; a compare-and-reset
-        // would break when the table shrinks under the cursor.
-        Some((*cursor % endpoints.len() as u64) as usize)
+        let mut next = cursor.wrapping_add(1);
+        // The cursor stays below `n` after the first pick, so this divides only on a clone's
+        // first pick (it starts at a random value) or after the table shrank.
+        if next >= n {
+            next %= n;
+        }
+        *cursor = next;
+        Some(next as usize)
     }
 }
 

@@ -1,0 +1,1061 @@
+//! Least connections: the endpoint with the fewest requests in flight.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::{Endpoints, PickContext, Picker, Strategy};
+use crate::endpoint::{clock, Activation, EndpointHandle, EndpointState};
+use crate::error::ConfigError;
+use crate::load_index::{LoadIndex, Verdict, LEVELS};
+use crate::sync::{Arc, AtomicU64, Ordering};
+
+/// Up to this many endpoints a pick reads them all: that is as fast as the index (reading
+/// an endpoint costs about a quarter of an index search), and the endpoints need not report
+/// their load.
+const SCAN_UP_TO: usize = 4;
+
+/// Weighted picks search the index once per distinct weight; with more weights than this,
+/// they read every endpoint instead.
+const MAX_WEIGHT_CLASSES: usize = 8;
+
+/// Sends each request to the endpoint with the fewest requests in flight.
+///
+/// "In flight" is the live count across every clone of the balancer
+/// ([`Endpoint::in_flight`](super::Endpoint::in_flight)): a request counts from dispatch
+/// until its response future completes or is dropped.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lb::{BalanceLayer, LeastConnections};
+///
+/// // Plain least connections.
+/// let layer = BalanceLayer::new(LeastConnections::new());
+///
+/// // Weighted, with failures held against an endpoint for 30 s instead of 10.
+/// let strategy = LeastConnections::weighted().error_window(Duration::from_secs(30))?;
+/// let weighted = BalanceLayer::new(strategy).weighted();
+/// # let _ = (layer, weighted);
+/// # Ok::<(), tower_lb::ConfigError>(())
+/// ```
+///
+/// # Load
+///
+/// An endpoint's *effective load* is
+///
+/// ```text
+/// in_flight + 1 + error_penalty × consecutive_failures      (while the failures are recent)
+/// ```
+///
+/// and the pick is an endpoint with the lowest effective load. [`LeastConnections::weighted`]
+/// divides it by the endpoint's weight, comparing `a / wa` with `b / wb` as `a × wb` against
+/// `b × wa` in integers, so the comparison is exact. The `+ 1` counts the request being
+/// placed: with `in_flight / weight`, idle endpoints tie at zero whatever their weights, and a
+/// fast endpoint that empties its queue quickly keeps being judged as if its weight did not
+/// matter; with `+ 1` an idle endpoint of weight 3 looks three times less loaded than an idle
+/// one of weight 1, and under steady concurrency in-flight counts settle in proportion to the
+/// weights. (Our simulations found it better when backends differ in speed.)
+///
+/// # Ties
+///
+/// Each clone of the balancer rotates through the endpoints tied at the lowest load, starting
+/// from a random position, so no endpoint is "always the first".
+///
+/// # Failures count as load
+///
+/// An endpoint that fails fast looks idle, since its requests leave at once; plain least
+/// connections would send it ever more traffic (a black hole). So each failed response in a
+/// row counts as [`error_penalty`](LeastConnections::error_penalty) more requests in flight
+/// (1 by default); a successful response wipes the run. A failing endpoint therefore gets
+/// requests only while every other endpoint is loaded more than its penalty, and each failure
+/// raises the bar.
+///
+/// Failures are recent for [`error_window`](LeastConnections::error_window) (10 s by default)
+/// from when a pick first notices the latest one. After that the endpoint is judged by its
+/// in-flight count alone until it fails again, so an endpoint that keeps failing gets about one
+/// request per window — the probe that brings it back into rotation as soon as it answers —
+/// while one that failed once and then recovered is not shunned for ever. This is nginx's
+/// `max_fails=1 fail_timeout=10s`, made softer: under load a failing endpoint still takes
+/// requests rather than overload the others. A rebuild of the picker (membership or weights
+/// changed) restarts the windows. `error_penalty(0)` ignores failures.
+///
+/// Retiring endpoints that fail for good is the job of health checks and outlier detection;
+/// this only keeps them from swallowing traffic meanwhile.
+///
+/// # Cost
+///
+/// With more than four endpoints, a pick does not read every endpoint. The endpoints report
+/// each change of their in-flight count to a shared index by level, and a pick takes the lowest
+/// occupied level and the next endpoint in it after its cursor — once per distinct weight for
+/// [`weighted`](LeastConnections::weighted) picks, since endpoints of one weight compare by
+/// in-flight count alone. A report is a load when the endpoint's bit is already set (the usual
+/// case), else an atomic `or`; releasing a request costs one more atomic add, to keep the
+/// endpoint alive while it reports. The index may keep bits where an endpoint no longer is but
+/// never misses one, and a pick checks what it finds against the live count (clearing what is
+/// stale, once per change, amortised), so the pick is exact whenever the counts are not
+/// changing while it runs. It costs a few loads whatever the number of endpoints, plus one
+/// read per endpoint under an error penalty whose in-flight count is below the pick's level;
+/// it reads every endpoint only when all of them (of some weight) have 64 or more requests in
+/// flight.
+///
+/// With up to four endpoints, or more than eight distinct weights, a pick reads every
+/// endpoint: O(n), with no atomic write and no reporting. Endpoints that had requests in flight
+/// when the picker was built are read directly until they are idle and can start reporting.
+/// Once reporting, an endpoint reports for life, also if the balancer swaps to another
+/// strategy.
+#[derive(Clone, Debug)]
+pub struct LeastConnections {
+    weighted: bool,
+    error_penalty: u32,
+    error_window: Duration,
+}
+
+impl Default for LeastConnections {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LeastConnections {
+    /// How long failures count against an endpoint unless configured otherwise.
+    pub const DEFAULT_ERROR_WINDOW: Duration = Duration::from_secs(10);
+
+    /// Fewest requests in flight, ignoring weights.
+    pub fn new() -> Self {
+        Self {
+            weighted: false,
+            error_penalty: 1,
+            error_window: Self::DEFAULT_ERROR_WINDOW,
+        }
+    }
+
+    /// Lowest `(in_flight + 1) / weight`: endpoints share requests in proportion to their
+    /// weights.
+    pub fn weighted() -> Self {
+        Self {
+            weighted: true,
+            ..Self::new()
+        }
+    }
+
+    /// How many requests in flight each recent failure in a row counts as (default 1); 0 ignores
+    /// failures.
+    pub fn error_penalty(mut self, penalty: u32) -> Self {
+        self.error_penalty = penalty;
+        self
+    }
+
+    /// How long failures count against an endpoint after a pick first notices the latest one
+    /// (default [`DEFAULT_ERROR_WINDOW`](Self::DEFAULT_ERROR_WINDOW)). Zero is rejected: to
+    /// ignore failures, set [`error_penalty`](Self::error_penalty) to 0.
+    pub fn error_window(mut self, window: Duration) -> Result<Self, ConfigError> {
+        if window.is_zero() {
+            return Err(ConfigError::new(
+                "error_window",
+                "0 would forget every failure at once; use error_penalty(0) to ignore failures",
+            ));
+        }
+        if window.as_nanos() > u128::from(u64::MAX) {
+            return Err(ConfigError::new(
+                "error_window",
+                format!("{window:?} is longer than the balancer's clock can count"),
+            ));
+        }
+        self.error_window = window;
+        Ok(self)
+    }
+}
+
+/// The picker [`LeastConnections`] builds for one set of endpoints.
+pub struct LeastConnectionsPicker {
+    weighted: bool,
+    penalty: u64,
+    window_ns: u64,
+    /// Per endpoint: the failure count a pick last noticed, and when.
+    noticed: Box<[Noticed]>,
+    /// The load indexes the endpoints report to; `None` when picks read every endpoint.
+    indexed: Option<Indexed>,
+}
+
+/// What a picker that uses load indexes keeps.
+struct Indexed {
+    boards: Box<[Board]>,
+    classes: Box<[Class]>,
+    /// Endpoints that had requests in flight when the picker was built, so could not start
+    /// reporting then: picks read them directly, and start their reporting once they are idle.
+    pending: Box<[u32]>,
+    /// How many of `pending` do not report yet; picks skip the list at 0.
+    pending_left: AtomicU64,
+}
+
+#[derive(Default)]
+struct Noticed {
+    failures: AtomicU64,
+    at: AtomicU64,
+}
+
+/// Endpoints of one weight.
+struct Class {
+    weight: u64,
+    /// Per board, which of its slots hold this class.
+    members: Box<[Members]>,
+}
+
+enum Members {
+    /// Every endpoint of the board (there is one class).
+    All,
+    /// The slots whose bit is set, one word per bitmap word.
+    Slots(Box<[u64]>),
+    /// None of the board's endpoints.
+    None,
+}
+
+/// One load index and where this picker's endpoints are in it.
+struct Board {
+    index: Arc<LoadIndex>,
+    /// This picker's generation of the index.
+    generation: u64,
+    /// Slot → the endpoint there and its position in this picker's table; `None` for slots of
+    /// other tables. The handle saves a pick one dependent load (slot → state, rather than slot
+    /// → position → handle → state).
+    slots: Box<[Option<(EndpointHandle, u32)>]>,
+}
+
+impl fmt::Debug for LeastConnectionsPicker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeastConnectionsPicker")
+            .field("weighted", &self.weighted)
+            .field("error_penalty", &self.penalty)
+            .field("indexed", &self.indexed.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Strategy for LeastConnections {
+    type Picker = LeastConnectionsPicker;
+
+    fn build(&self, endpoints: &Endpoints<'_>) -> LeastConnectionsPicker {
+        let n = endpoints.len();
+        // Endpoints of one weight compare by in-flight count alone, so each weight class has
+        // its own lowest level; unweighted, everybody is in one class of weight 1.
+        let mut weights: Vec<u32> = if self.weighted {
+            endpoints.iter().map(|e| e.weight()).collect()
+        } else {
+            vec![1]
+        };
+        weights.sort_unstable();
+        weights.dedup();
+        let indexed =
+            n > SCAN_UP_TO && n <= u32::MAX as usize && weights.len() <= MAX_WEIGHT_CLASSES;
+        LeastConnectionsPicker {
+            weighted: self.weighted,
+            penalty: u64::from(self.error_penalty),
+            window_ns: self.error_window.as_nanos() as u64,
+            noticed: (0..n).map(|_| Noticed::default()).collect(),
+            indexed: if indexed {
+                attach(endpoints, self.weighted.then_some(&weights[..]))
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// Gives every endpoint a place in a load index (those without one join an index the others
+/// use, or a new one), activates reporting where nothing is in flight, and returns the indexes
+/// with this table's slot maps and the endpoints still to activate. `None` if an endpoint
+/// cannot be given a place (more slots than reports can name): picks then read every endpoint.
+/// `weights` are the distinct weights when picks are weighted.
+fn attach(endpoints: &Endpoints<'_>, weights: Option<&[u32]>) -> Option<Indexed> {
+    let n = endpoints.len();
+    let mut indexes: Vec<Arc<LoadIndex>> = Vec::new();
+    let note = |indexes: &mut Vec<Arc<LoadIndex>>, index: &Arc<LoadIndex>| {
+        if !indexes.iter().any(|known| Arc::ptr_eq(known, index)) {
+            indexes.push(Arc::clone(index));
+        }
+    };
+    for i in 0..n {
+        if let Some(watch) = endpoints.state(i).watch() {
+            note(&mut indexes, &watch.index);
+        }
+    }
+    for i in 0..n {
+        let state = endpoints.state(i);
+        if state.watch().is_some() {
+            continue;
+        }
+        let room = indexes
+            .iter()
+            .find_map(|index| Some((Arc::clone(index), index.allocate_slot()?)));
+        let (index, slot) = room.unwrap_or_else(|| {
+            // Twice the table, so that growth and churn rarely spill into another index.
+            let fresh = Arc::new(LoadIndex::new(2 * n));
+            indexes.push(Arc::clone(&fresh));
+            let slot = fresh.allocate_slot().expect("a new index has free slots");
+            (fresh, slot)
+        });
+        if !state.install_watch(Arc::clone(&index), slot) {
+            index.free_slot(slot);
+        }
+        // Ours, or one installed meanwhile by someone else.
+        note(&mut indexes, &state.watch()?.index);
+    }
+
+    // From here on, pickers built earlier put back what they clear of slots they do not know.
+    let generations: Vec<u64> = indexes.iter().map(|i| i.advance_generation()).collect();
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let state = endpoints.state(i);
+        let watch = state.watch()?;
+        match state.activate() {
+            Activation::Activated => watch.index.insert(0, watch.slot),
+            // Older pickers may have cleared endpoints that were not in their table.
+            Activation::AlreadyActive => watch.index.insert(state.in_flight(), watch.slot),
+            Activation::Busy => pending.push(i as u32),
+        }
+    }
+
+    let boards: Box<[Board]> = indexes
+        .into_iter()
+        .zip(generations)
+        .map(|(index, generation)| {
+            let mut slots: Vec<Option<(EndpointHandle, u32)>> =
+                (0..index.capacity()).map(|_| None).collect();
+            for i in 0..n {
+                let watch = endpoints.state(i).watch()?;
+                if Arc::ptr_eq(&watch.index, &index) {
+                    slots[watch.slot] = Some((endpoints.handle(i).clone(), i as u32));
+                }
+            }
+            Some(Board {
+                index,
+                generation,
+                slots: slots.into_boxed_slice(),
+            })
+        })
+        .collect::<Option<_>>()?;
+    let classes: Box<[Class]> = match weights {
+        Some(weights) if weights.len() > 1 => weights
+            .iter()
+            .map(|&weight| Class {
+                weight: u64::from(weight),
+                members: boards
+                    .iter()
+                    .map(|board| {
+                        let mut slots = vec![0u64; board.index.capacity() / 64];
+                        let mut any = false;
+                        for (slot, entry) in board.slots.iter().enumerate() {
+                            if let Some((handle, _)) = entry {
+                                if handle.weight() == weight {
+                                    slots[slot / 64] |= 1 << (slot % 64);
+                                    any = true;
+                                }
+                            }
+                        }
+                        if any {
+                            Members::Slots(slots.into_boxed_slice())
+                        } else {
+                            Members::None
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+        _ => Box::new([Class {
+            weight: u64::from(weights.map_or(1, |w| w[0])),
+            members: boards.iter().map(|_| Members::All).collect(),
+        }]),
+    };
+    Some(Indexed {
+        boards,
+        classes,
+        pending_left: AtomicU64::new(pending.len() as u64),
+        pending: pending.into_boxed_slice(),
+    })
+}
+
+/// The best endpoint so far, and how many tied with it (for an even choice among them).
+#[derive(Default)]
+struct Best {
+    /// Effective load as `(load, weight)`, and the endpoint's position.
+    found: Option<(u64, u64, usize)>,
+    /// The slot of `found` when the index gave it, to move the cursor past it.
+    slot: Option<usize>,
+    ties: u64,
+}
+
+impl Best {
+    fn offer(
+        &mut self,
+        (load, weight): (u64, u64),
+        index: usize,
+        slot: Option<usize>,
+        cx: &mut PickContext<'_>,
+    ) {
+        let order = self.found.map(|(best, best_weight, _)| {
+            (u128::from(load) * u128::from(best_weight))
+                .cmp(&(u128::from(best) * u128::from(weight)))
+        });
+        let replace = match order {
+            Some(std::cmp::Ordering::Greater) => false,
+            Some(std::cmp::Ordering::Equal) => {
+                self.ties += 1;
+                cx.random() % self.ties == 0
+            }
+            _ => {
+                self.ties = 1;
+                true
+            }
+        };
+        if replace {
+            self.found = Some((load, weight, index));
+            self.slot = slot;
+        }
+    }
+}
+
+impl LeastConnectionsPicker {
+    /// The error penalty of endpoint `index`: its failures in a row times the penalty, while
+    /// they are recent. Reads the clock (once per pick) only for endpoints that are failing.
+    #[inline]
+    fn penalty_of(&self, index: usize, endpoint: &EndpointState, now: &mut Option<u64>) -> u64 {
+        if self.penalty == 0 {
+            return 0;
+        }
+        match endpoint.consecutive_failures() {
+            0 => 0,
+            in_a_row => self.recent_penalty(index, endpoint, in_a_row, now),
+        }
+    }
+
+    #[inline(never)]
+    fn recent_penalty(
+        &self,
+        index: usize,
+        endpoint: &EndpointState,
+        in_a_row: u32,
+        now: &mut Option<u64>,
+    ) -> u64 {
+        let now = *now.get_or_insert_with(clock::now_ns);
+        let noticed = &self.noticed[index];
+        let failures = endpoint.failures();
+        let since = if noticed.failures.load(Ordering::Relaxed) == failures {
+            noticed.at.load(Ordering::Relaxed)
+        } else {
+            // A failure no pick has noticed yet: its window starts now. Clones racing here
+            // store nearly the same time.
+            noticed.failures.store(failures, Ordering::Relaxed);
+            noticed.at.store(now, Ordering::Relaxed);
+            now
+        };
+        if now.saturating_sub(since) < self.window_ns {
+            self.penalty.saturating_mul(u64::from(in_a_row))
+        } else {
+            0
+        }
+    }
+
+    /// Reads every endpoint, from the cursor on; the first lowest wins, so moving the cursor
+    /// past it rotates through ties.
+    fn pick_by_scan(
+        &self,
+        endpoints: &Endpoints<'_>,
+        cx: &mut PickContext<'_>,
+        now: &mut Option<u64>,
+    ) -> usize {
+        let n = endpoints.len();
+        let cursor = cx.cursor();
+        // The cursor is at most `n` after this clone's first pick: spare the division.
+        let start = match *cursor as usize {
+            at if at < n => at,
+            at if at == n => 0,
+            _ => (*cursor % n as u64) as usize,
+        };
+        // (effective load, weight, index)
+        let mut best: Option<(u64, u64, usize)> = None;
+        for i in (start..n).chain(0..start) {
+            let endpoint = endpoints.state(i);
+            let load = endpoint
+                .in_flight()
+                .saturating_add(1)
+                .saturating_add(self.penalty_of(i, endpoint, now));
+            let weight = if self.weighted {
+                u64::from(endpoint.weight())
+            } else {
+                1
+            };
+            let lower = best.is_none_or(|(best_load, best_weight, _)| {
+                u128::from(load) * u128::from(best_weight)
+                    < u128::from(best_load) * u128::from(weight)
+            });
+            if lower {
+                best = Some((load, weight, i));
+            }
+        }
+        let chosen = best.map_or(start, |(_, _, i)| i);
+        *cursor = chosen as u64 + 1;
+        chosen
+    }
+
+    fn pick_indexed(
+        &self,
+        indexed: &Indexed,
+        endpoints: &Endpoints<'_>,
+        cx: &mut PickContext<'_>,
+        now: &mut Option<u64>,
+    ) -> usize {
+        let start = *cx.cursor() as usize;
+        let mut best = Best::default();
+        if indexed.pending_left.load(Ordering::Relaxed) != 0 {
+            self.offer_pending(indexed, endpoints, &mut best, cx, now);
+        }
+        // The largest weight of a class with endpoints the indexes could not rank (64+ in
+        // flight): their loads are at least `(LEVELS + 1) / weight`.
+        let mut unranked: Option<u64> = None;
+        for class in indexed.classes.iter() {
+            for (board, members) in indexed.boards.iter().zip(class.members.iter()) {
+                let filter = match members {
+                    Members::All => None,
+                    Members::Slots(slots) => Some(&slots[..]),
+                    Members::None => continue,
+                };
+                let found = board.index.find_lowest(
+                    start,
+                    board.generation,
+                    filter,
+                    |level, slot, second_look| {
+                        let Some((endpoint, i)) = &board.slots[slot] else {
+                            return Verdict::Clear;
+                        };
+                        let in_flight = if second_look {
+                            endpoint.in_flight_latest()
+                        } else {
+                            endpoint.in_flight()
+                        };
+                        if in_flight != level as u64 {
+                            return Verdict::Clear;
+                        }
+                        match self.penalty_of(*i as usize, endpoint, now) {
+                            0 => Verdict::Take,
+                            // Penalised: its load is above this level. Every penalised endpoint
+                            // of the class that could beat the lowest unpenalised one sits at a
+                            // lower level, so the search meets it on the way.
+                            penalty => {
+                                let load = level as u64 + 1 + penalty;
+                                best.offer((load, class.weight), *i as usize, None, cx);
+                                Verdict::Pass
+                            }
+                        }
+                    },
+                );
+                match found {
+                    Some((level, slot)) => {
+                        let i = board.slots[slot].as_ref().map_or(0, |(_, i)| *i as usize);
+                        best.offer((level as u64 + 1, class.weight), i, Some(slot), cx);
+                    }
+                    None => unranked = unranked.max(Some(class.weight)),
+                }
+            }
+        }
+        let beyond = |(load, weight): (u64, u64)| {
+            unranked.is_some_and(|w| {
+                u128::from(load) * u128::from(w) >= (LEVELS as u128 + 1) * u128::from(weight)
+            })
+        };
+        match best.found {
+            Some((load, weight, i)) if !beyond((load, weight)) => {
+                if let Some(slot) = best.slot {
+                    *cx.cursor() = slot as u64 + 1;
+                }
+                i
+            }
+            // An endpoint beyond the indexes may be the least loaded.
+            _ => self.pick_by_scan(endpoints, cx, now),
+        }
+    }
+}
+
+impl LeastConnectionsPicker {
+    /// Ranks the endpoints that do not report yet by reading them, and starts the reporting
+    /// of those that have become idle.
+    #[cold]
+    fn offer_pending(
+        &self,
+        indexed: &Indexed,
+        endpoints: &Endpoints<'_>,
+        best: &mut Best,
+        cx: &mut PickContext<'_>,
+        now: &mut Option<u64>,
+    ) {
+        for &i in indexed.pending.iter() {
+            let state = endpoints.state(i as usize);
+            if state.is_reporting() {
+                continue;
+            }
+            let in_flight = state.in_flight();
+            if in_flight == 0 {
+                match state.activate() {
+                    Activation::Activated => {
+                        if let Some(watch) = state.watch() {
+                            watch.index.insert(0, watch.slot);
+                        }
+                        indexed.pending_left.fetch_sub(1, Ordering::Relaxed);
+                        // In the index now: the search finds it.
+                        continue;
+                    }
+                    // Another clone just did it.
+                    Activation::AlreadyActive => continue,
+                    Activation::Busy => {}
+                }
+            }
+            let load = in_flight
+                .saturating_add(1)
+                .saturating_add(self.penalty_of(i as usize, state, now));
+            let weight = if self.weighted {
+                u64::from(state.weight())
+            } else {
+                1
+            };
+            best.offer((load, weight), i as usize, None, cx);
+        }
+    }
+}
+
+impl Picker for LeastConnectionsPicker {
+    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        let mut now = None;
+        Some(match &self.indexed {
+            Some(indexed) => self.pick_indexed(indexed, endpoints, cx, &mut now),
+            None => self.pick_by_scan(endpoints, cx, &mut now),
+        })
+    }
+}
+
+#[cfg(all(test, not(tower_lb_loom)))]
+mod tests {
+    use super::*;
+    use crate::endpoint::{EndpointHandle, InFlightGuard};
+    use crate::strategy::test_util::{endpoints, picks};
+    use crate::strategy::LocalState;
+    use crate::strategy::Strategy;
+    use proptest::prelude::*;
+
+    /// One clone's picks, one at a time.
+    struct Clone {
+        local: LocalState,
+    }
+
+    impl Clone {
+        fn new() -> Self {
+            Self {
+                local: LocalState::new(),
+            }
+        }
+
+        fn pick(&mut self, picker: &LeastConnectionsPicker, handles: &[EndpointHandle]) -> usize {
+            let mut cx = PickContext {
+                local: &mut self.local,
+                key_hash: None,
+                now: 0,
+            };
+            picker
+                .pick(&Endpoints::new(handles), &mut cx)
+                .expect("a choice")
+        }
+    }
+
+    fn build(strategy: &LeastConnections, handles: &[EndpointHandle]) -> LeastConnectionsPicker {
+        strategy.build(&Endpoints::new(handles))
+    }
+
+    /// Holds `counts[i]` requests in flight to endpoint `i`.
+    fn hold(handles: &[EndpointHandle], counts: &[u64]) -> Vec<InFlightGuard> {
+        let mut guards = Vec::new();
+        for (handle, &count) in handles.iter().zip(counts) {
+            guards.extend((0..count).map(|_| handle.dispatch()));
+        }
+        guards
+    }
+
+    /// `n` failed responses in a row.
+    fn fail(handle: &EndpointHandle, n: u32) {
+        for _ in 0..n {
+            handle.dispatch().record_failure();
+        }
+    }
+
+    /// Both ways a picker can work: reading every endpoint, and through the load index.
+    const SIZES: [usize; 2] = [4, 100];
+
+    #[test]
+    fn picks_the_least_loaded() {
+        for n in SIZES {
+            let handles = endpoints(&vec![1; n]);
+            let picker = build(&LeastConnections::new(), &handles);
+            assert_eq!(picker.indexed.is_some(), n > SCAN_UP_TO);
+            let mut counts = vec![3; n];
+            counts[2] = 1;
+            counts[n - 1] = 1;
+            let _guards = hold(&handles, &counts);
+            let chosen = picks(&picker, &handles, 2 * n);
+            assert!(chosen.iter().all(|&i| i == 2 || i == n - 1), "{chosen:?}");
+            assert!(
+                chosen.contains(&2) && chosen.contains(&(n - 1)),
+                "ties rotate"
+            );
+        }
+    }
+
+    #[test]
+    fn ties_rotate_through_every_endpoint() {
+        for n in [5, 100, 1000] {
+            let handles = endpoints(&vec![1; n]);
+            let picker = build(&LeastConnections::new(), &handles);
+            let mut chosen = picks(&picker, &handles, 3 * n);
+            chosen.sort_unstable();
+            let expected: Vec<usize> = (0..n).flat_map(|i| [i; 3]).collect();
+            assert_eq!(chosen, expected, "n = {n}: each endpoint once per round");
+        }
+    }
+
+    #[test]
+    fn picks_follow_the_counts_as_they_change() {
+        for n in SIZES {
+            let handles = endpoints(&vec![1; n]);
+            let picker = build(&LeastConnections::new(), &handles);
+            let mut clone = Clone::new();
+            // Place 10 requests per endpoint one by one, as a balancer does: each pick is then
+            // dispatched to.
+            let mut guards = Vec::new();
+            for _ in 0..10 * n {
+                let i = clone.pick(&picker, &handles);
+                guards.push((i, handles[i].dispatch()));
+            }
+            assert!(handles.iter().all(|h| h.in_flight() == 10));
+            // Completions make room exactly where they happen.
+            guards.retain(|(i, _)| *i != 3);
+            for _ in 0..10 {
+                assert_eq!(clone.pick(&picker, &handles), 3);
+                guards.push((3, handles[3].dispatch()));
+            }
+            assert_ne!(clone.pick(&picker, &handles), 3);
+        }
+    }
+
+    #[test]
+    fn weighted_compares_in_flight_plus_one_over_weight() {
+        // Two weights: read every endpoint.
+        let handles = endpoints(&[3, 1]);
+        let picker = build(&LeastConnections::weighted(), &handles);
+        assert!(picker.indexed.is_none());
+        // (2 + 1) / 3 = 1 = (0 + 1) / 1: a tie, both are chosen.
+        let guards = hold(&handles, &[2, 0]);
+        let chosen = picks(&picker, &handles, 10);
+        assert!(chosen.contains(&0) && chosen.contains(&1), "{chosen:?}");
+        // (3 + 1) / 3 > 1.
+        let _more = hold(&handles, &[1, 0]);
+        assert!(picks(&picker, &handles, 10).iter().all(|&i| i == 1));
+        drop(guards);
+
+        // Placing requests one by one fills endpoints in proportion to their weights.
+        let handles = endpoints(&[3, 1, 1]);
+        let picker = build(&LeastConnections::weighted(), &handles);
+        let mut clone = Clone::new();
+        let _guards: Vec<_> = (0..50)
+            .map(|_| handles[clone.pick(&picker, &handles)].dispatch())
+            .collect();
+        let counts: Vec<u64> = handles.iter().map(|h| h.in_flight()).collect();
+        assert_eq!(counts, [30, 10, 10]);
+    }
+
+    #[test]
+    fn weighted_with_a_few_weights_searches_the_index_per_weight() {
+        let weights: Vec<u32> = (0..20).map(|i| if i % 2 == 0 { 3 } else { 1 }).collect();
+        let handles = endpoints(&weights);
+        let picker = build(&LeastConnections::weighted(), &handles);
+        assert_eq!(picker.indexed.as_ref().map(|i| i.classes.len()), Some(2));
+        let mut clone = Clone::new();
+        let _guards: Vec<_> = (0..100)
+            .map(|_| handles[clone.pick(&picker, &handles)].dispatch())
+            .collect();
+        // (8 + 1) / 3 = (2 + 1) / 1: every endpoint at the same load.
+        for (handle, weight) in handles.iter().zip(&weights) {
+            assert_eq!(handle.in_flight(), if *weight == 3 { 8 } else { 2 });
+        }
+        // Nine distinct weights are too many classes: read every endpoint.
+        let handles = endpoints(&(1..=9).collect::<Vec<_>>());
+        assert!(build(&LeastConnections::weighted(), &handles)
+            .indexed
+            .is_none());
+    }
+
+    #[test]
+    fn weighted_with_one_weight_uses_the_index() {
+        let handles = endpoints(&[4; 20]);
+        let picker = build(&LeastConnections::weighted(), &handles);
+        assert!(picker.indexed.is_some());
+        let mut counts = vec![2; 20];
+        counts[7] = 0;
+        let _guards = hold(&handles, &counts);
+        assert!(picks(&picker, &handles, 5).iter().all(|&i| i == 7));
+    }
+
+    #[test]
+    fn failures_in_a_row_count_as_load_until_a_success() {
+        for n in SIZES {
+            let handles = endpoints(&vec![1; n]);
+            let picker = build(&LeastConnections::new(), &handles);
+            let lenient = build(&LeastConnections::new().error_penalty(0), &handles);
+            fail(&handles[0], 2);
+            // Load 0 + 1 + 2 against 1.
+            assert!(!picks(&picker, &handles, 3 * n).contains(&0));
+            assert!(picks(&lenient, &handles, 3 * n).contains(&0), "penalty 0");
+            // Others at 0 + 2 + 1 + 0 = 3: a tie with the failing endpoint.
+            let mut counts = vec![2; n];
+            counts[0] = 0;
+            let guards = hold(&handles, &counts);
+            assert!(picks(&picker, &handles, 3 * n).contains(&0));
+            drop(guards);
+            // One success ends the run.
+            handles[0].dispatch().record_success();
+            let chosen = picks(&picker, &handles, n);
+            assert!(chosen.contains(&0), "{chosen:?}");
+        }
+    }
+
+    #[test]
+    fn a_larger_penalty_keeps_a_failing_endpoint_out_longer() {
+        for n in SIZES {
+            let handles = endpoints(&vec![1; n]);
+            let picker = build(&LeastConnections::new().error_penalty(5), &handles);
+            fail(&handles[0], 1);
+            let mut counts = vec![4; n];
+            counts[0] = 0;
+            let _guards = hold(&handles, &counts);
+            // 0 + 5 > 4 everywhere else.
+            assert!(!picks(&picker, &handles, 3 * n).contains(&0));
+            let _more = hold(&handles[1..], &vec![1; n - 1]);
+            assert!(picks(&picker, &handles, 3 * n).contains(&0));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_forgotten_after_the_window() {
+        for n in SIZES {
+            let handles = endpoints(&vec![1; n]);
+            let strategy = LeastConnections::new()
+                .error_window(Duration::from_secs(30))
+                .unwrap();
+            let picker = build(&strategy, &handles);
+            fail(&handles[0], 3);
+            assert!(!picks(&picker, &handles, 2 * n).contains(&0));
+            tokio::time::advance(Duration::from_secs(29)).await;
+            assert!(!picks(&picker, &handles, 2 * n).contains(&0));
+            tokio::time::advance(Duration::from_secs(2)).await;
+            assert!(picks(&picker, &handles, 2 * n).contains(&0), "forgotten");
+            // A new failure counts again, with the whole run, from when it is noticed.
+            fail(&handles[0], 1);
+            assert!(!picks(&picker, &handles, 2 * n).contains(&0));
+            let guards = hold(&handles[1..], &vec![3; n - 1]);
+            assert!(
+                !picks(&picker, &handles, 2 * n).contains(&0),
+                "0 + 1 + 4 > 3 + 1"
+            );
+            let _more = hold(&handles[1..], &vec![1; n - 1]);
+            assert!(picks(&picker, &handles, 2 * n).contains(&0), "a tie at 5");
+            drop(guards);
+        }
+    }
+
+    #[test]
+    fn counts_beyond_the_index_are_still_compared_exactly() {
+        let handles = endpoints(&[1; 20]);
+        let picker = build(&LeastConnections::new(), &handles);
+        let mut counts = vec![70; 20];
+        counts[7] = 65;
+        let guards = hold(&handles, &counts);
+        assert!(picks(&picker, &handles, 5).iter().all(|&i| i == 7));
+        drop(guards);
+        counts[7] = 70;
+        counts[3] = 10;
+        let _guards = hold(&handles, &counts);
+        assert!(picks(&picker, &handles, 5).iter().all(|&i| i == 3));
+    }
+
+    #[test]
+    fn a_rebuilt_table_and_its_predecessor_stay_exact() {
+        let handles = endpoints(&[1; 40]);
+        let old = build(&LeastConnections::new(), &handles[..30]);
+        // Ten removed, ten added: the new table shares an index with the old one.
+        let new = build(&LeastConnections::new(), &handles[10..]);
+        let mut guards: Vec<Vec<InFlightGuard>> = handles
+            .iter()
+            .map(|h| hold(std::slice::from_ref(h), &[2]))
+            .collect();
+        let (mut a, mut b) = (Clone::new(), Clone::new());
+        for round in 0..40 {
+            // Make room at one endpoint; both pickers must find it if it is in their table.
+            let i = (round * 7) % 40;
+            guards[i].pop();
+            let from_old = a.pick(&old, &handles[..30]);
+            let from_new = b.pick(&new, &handles[10..]) + 10;
+            if i < 30 {
+                assert_eq!(from_old, i);
+            }
+            if i >= 10 {
+                assert_eq!(from_new, i);
+            }
+            guards[i].push(handles[i].dispatch());
+        }
+    }
+
+    #[test]
+    fn busy_endpoints_are_read_directly_until_they_can_start_reporting() {
+        let handles = endpoints(&[1; 20]);
+        let mut counts = vec![3; 20];
+        counts[4] = 1;
+        counts[9] = 2;
+        let mut guards = hold(&handles, &counts);
+        // Built with requests in flight everywhere: nobody can start reporting yet.
+        let picker = build(&LeastConnections::new(), &handles);
+        assert!(handles.iter().all(|h| !h.is_reporting()));
+        let mut clone = Clone::new();
+        assert_eq!(clone.pick(&picker, &handles), 4);
+        // Endpoint 4 becomes idle: the next pick starts its reporting, and it is still chosen.
+        guards.retain(|g| g.endpoint_in_flight() != 1);
+        assert_eq!(handles[4].in_flight(), 0);
+        assert_eq!(clone.pick(&picker, &handles), 4);
+        assert!(handles[4].is_reporting());
+        assert!(handles.iter().filter(|h| h.is_reporting()).count() == 1);
+        // Reported from now on: a request makes 9 the least loaded.
+        let _more: Vec<_> = (0..3).map(|_| handles[4].dispatch()).collect();
+        assert_eq!(clone.pick(&picker, &handles), 9);
+    }
+
+    #[test]
+    fn a_zero_or_endless_window_is_rejected() {
+        let err = LeastConnections::new()
+            .error_window(Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(err.setting(), "error_window");
+        let err = LeastConnections::new()
+            .error_window(Duration::MAX)
+            .unwrap_err();
+        assert_eq!(err.setting(), "error_window");
+        assert!(LeastConnections::new()
+            .error_window(Duration::from_millis(1))
+            .is_ok());
+    }
+
+    /// Threads dispatching, releasing and picking at once (with pickers clearing what they
+    /// find stale) leave every endpoint findable at its count once they stop.
+    #[test]
+    fn racing_threads_leave_every_endpoint_at_its_count() {
+        let handles = std::sync::Arc::new(endpoints(&[1; 50]));
+        let picker = std::sync::Arc::new(build(&LeastConnections::new(), &handles));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (handles, picker) = (handles.clone(), picker.clone());
+                std::thread::spawn(move || {
+                    let mut clone = Clone::new();
+                    let mut guards = Vec::new();
+                    for round in 0..20_000usize {
+                        let i = clone.pick(&picker, &handles);
+                        if (round + t) % 3 != 0 {
+                            guards.push(handles[i].dispatch());
+                        } else if !guards.is_empty() {
+                            drop(guards.swap_remove(round % guards.len()));
+                        }
+                    }
+                    guards
+                })
+            })
+            .collect();
+        let held: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for handle in handles.iter().filter(|h| h.in_flight() < LEVELS as u64) {
+            let watch = handle.watch().unwrap();
+            assert!(watch.index.holds(handle.in_flight() as usize, watch.slot));
+        }
+        drop(held);
+        for handle in handles.iter() {
+            let watch = handle.watch().unwrap();
+            assert!(watch.index.holds(0, watch.slot));
+        }
+    }
+
+    /// A table for the property test: per endpoint (weight, in flight, failures in a row).
+    fn table() -> impl proptest::strategy::Strategy<Value = Vec<(u32, u64, u32)>> {
+        let in_flight = prop_oneof![4 => 0..4u64, 1 => 0..80u64];
+        let failing = prop_oneof![4 => Just(0u32), 1 => 1..4u32];
+        proptest::collection::vec((1..5u32, in_flight, failing), 1..120)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Whatever the counts, weights and failures, every pick has the least effective load,
+        /// also as counts change between picks; and the index holds every reporting endpoint
+        /// at its count. Built before the load arrives, every endpoint reports from the start;
+        /// built after, the busy ones start reporting as they become idle.
+        #[test]
+        fn every_pick_has_the_least_effective_load(
+            table in table(),
+            weighted in any::<bool>(),
+            penalty in 0..3u32,
+            build_first in any::<bool>(),
+            changes in proptest::collection::vec(
+                (any::<prop::sample::Index>(), any::<bool>()),
+                0..60,
+            ),
+        ) {
+            let weights: Vec<u32> = table.iter().map(|&(w, _, _)| w).collect();
+            let handles = endpoints(&weights);
+            let strategy = if weighted {
+                LeastConnections::weighted()
+            } else {
+                LeastConnections::new()
+            };
+            let strategy = strategy.error_penalty(penalty);
+            let early = build_first.then(|| build(&strategy, &handles));
+            for (handle, &(_, _, failing)) in handles.iter().zip(&table) {
+                fail(handle, failing);
+            }
+            let counts: Vec<u64> = table.iter().map(|&(_, c, _)| c).collect();
+            let mut guards = hold(&handles, &counts);
+            let picker = early.unwrap_or_else(|| build(&strategy, &handles));
+            let mut clone = Clone::new();
+            let load = |i: usize| {
+                let h = &handles[i];
+                let penalty = u64::from(penalty) * u64::from(h.consecutive_failures());
+                let load = h.in_flight() + 1 + penalty;
+                let weight = if weighted { u64::from(h.weight()) } else { 1 };
+                (u128::from(load), u128::from(weight))
+            };
+            for (at, add) in changes {
+                // The index has every endpoint at its count (below the levels it tracks), so
+                // picks need not fall back to reading every endpoint.
+                let tracked = |h: &&EndpointHandle| h.in_flight() < LEVELS as u64;
+                for handle in handles.iter().filter(|h| h.is_reporting()).filter(tracked) {
+                    let watch = handle.watch().unwrap();
+                    prop_assert!(watch.index.holds(handle.in_flight() as usize, watch.slot));
+                }
+                let chosen = clone.pick(&picker, &handles);
+                let (l, w) = load(chosen);
+                for j in 0..handles.len() {
+                    let (lj, wj) = load(j);
+                    prop_assert!(
+                        l * wj <= lj * w,
+                        "picked {} with {}/{}, but {} has {}/{}", chosen, l, w, j, lj, wj
+                    );
+                }
+                if add || guards.is_empty() {
+                    guards.push(handles[at.index(handles.len())].dispatch());
+                } else {
+                    drop(guards.swap_remove(at.index(guards.len())));
+                }
+            }
+        }
+    }
+}
