@@ -312,6 +312,98 @@ async fn every_strategy_proxies_requests_to_every_backend() {
     }
 }
 
+/// A backend that holds every request until `released` turns true, and reports each arrival
+/// with its name.
+async fn holding_backend(
+    name: &'static str,
+    arrivals: mpsc::UnboundedSender<&'static str>,
+    released: tokio::sync::watch::Receiver<bool>,
+) -> TestBackend {
+    TestBackend::start(move |_: Request<Incoming>| {
+        let arrivals = arrivals.clone();
+        let mut released = released.clone();
+        async move {
+            let _ = arrivals.send(name);
+            let _ = released.wait_for(|r| *r).await;
+            Response::new(Body::from(format!("{name}\n")))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn least_connections_avoids_a_backend_busy_with_a_long_request() {
+    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let slow = holding_backend("slow", arrivals_tx, released).await;
+    let fast = TestBackend::echo("fast").await;
+    let proxy = proxy_with("least-connections", vec![slow.backend(), fast.backend()]).await;
+
+    // One request at a time: each either is held by the slow backend or answered at once.
+    let mut held = Vec::new();
+    let mut answered = 0;
+    for _ in 0..20 {
+        let mut request = tokio::spawn(send(
+            Request::get(proxy.url("/")).body(Body::empty()).unwrap(),
+        ));
+        let is_held = within("a request landing", async {
+            tokio::select! {
+                _ = arrivals.recv() => true,
+                answer = &mut request => {
+                    assert_eq!(Echo::parse(&answer.unwrap().2).backend, "fast");
+                    false
+                }
+            }
+        })
+        .await;
+        if is_held {
+            held.push(request);
+        } else {
+            answered += 1;
+        }
+    }
+    // Once a request is in flight on the slow backend, every later one goes to the idle one
+    // (round-robin would have sent the slow backend half of them).
+    assert_eq!((held.len(), answered), (1, 19));
+
+    release.send(true).unwrap();
+    for request in held {
+        let (status, _, body) = within("the held request", request).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "slow\n"));
+    }
+}
+
+#[tokio::test]
+async fn weighted_least_connections_keeps_in_flight_counts_in_proportion_to_weights() {
+    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let big = holding_backend("big", arrivals_tx.clone(), released.clone()).await;
+    let small = holding_backend("small", arrivals_tx, released).await;
+    let proxy = proxy_with(
+        "weighted-least-connections",
+        vec![big.weighted(3), small.weighted(1)],
+    )
+    .await;
+
+    // Eight requests, each sent once the previous one has landed, all held.
+    let mut requests = JoinSet::new();
+    let mut landed: HashMap<&str, usize> = HashMap::new();
+    for _ in 0..8 {
+        requests.spawn(send(
+            Request::get(proxy.url("/")).body(Body::empty()).unwrap(),
+        ));
+        let name = within("a request landing", arrivals.recv()).await.unwrap();
+        *landed.entry(name).or_insert(0) += 1;
+    }
+    // (in flight + 1) / weight stays level: 6 and 2, give or take a tie.
+    assert!((5..=7).contains(&landed["big"]), "{landed:?}");
+
+    release.send(true).unwrap();
+    for (status, _, _) in within("the held requests", requests.join_all()).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
 /// For each user, the backends that answered its `per_user` requests (by `x-user` header).
 async fn backends_per_user(proxy: &Proxy, users: usize, per_user: usize) -> Vec<Vec<String>> {
     let mut answers = Vec::new();
@@ -424,25 +516,11 @@ async fn send_hot_key(
 
 #[tokio::test]
 async fn a_bounded_load_spills_a_hot_key_over_to_other_backends() {
-    // Backends that hold every request until released, and report each arrival.
     let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
     let (release, released) = tokio::sync::watch::channel(false);
     let mut backends = Vec::new();
     for name in ["a", "b", "c"] {
-        let arrivals_tx = arrivals_tx.clone();
-        let released = released.clone();
-        backends.push(
-            TestBackend::start(move |_: Request<Incoming>| {
-                let arrivals_tx = arrivals_tx.clone();
-                let mut released = released.clone();
-                async move {
-                    let _ = arrivals_tx.send(name);
-                    let _ = released.wait_for(|r| *r).await;
-                    Response::new(Body::from(name))
-                }
-            })
-            .await,
-        );
+        backends.push(holding_backend(name, arrivals_tx.clone(), released.clone()).await);
     }
     let addrs = || backends.iter().map(|b| b.backend()).collect::<Vec<_>>();
 

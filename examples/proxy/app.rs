@@ -30,7 +30,8 @@ use tower_lb::http::{TrackBody, TrackedBody};
 use tower_lb::strategy::Swappable;
 use tower_lb::KeyHasher;
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
-use tower_lb::{ConsistentHash, KeyFallback, PowerOfTwoChoices, Random, RequestKey, RoundRobin};
+use tower_lb::{ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random};
+use tower_lb::{RequestKey, RoundRobin};
 use tower_lb::{Weight, WeightedRoundRobin};
 
 /// Everything the proxy needs to run.
@@ -120,6 +121,14 @@ pub(crate) const STRATEGIES: &[(&str, &str)] = &[
         "weighted-round-robin",
         "in turn, in proportion to the weights",
     ),
+    (
+        "least-connections",
+        "the backend with the fewest requests in flight",
+    ),
+    (
+        "weighted-least-connections",
+        "the fewest requests in flight per unit of weight",
+    ),
     ("random", "uniformly at random"),
     ("weighted-random", "at random, in proportion to the weights"),
     ("p2c", "the less busy of two random backends"),
@@ -147,6 +156,8 @@ pub(crate) struct StrategySpec {
 enum Algorithm {
     RoundRobin,
     WeightedRoundRobin,
+    LeastConnections,
+    WeightedLeastConnections,
     Random,
     WeightedRandom,
     PowerOfTwoChoices,
@@ -160,6 +171,8 @@ impl StrategySpec {
         let algorithm = match name {
             "round-robin" => Algorithm::RoundRobin,
             "weighted-round-robin" => Algorithm::WeightedRoundRobin,
+            "least-connections" => Algorithm::LeastConnections,
+            "weighted-least-connections" => Algorithm::WeightedLeastConnections,
             "random" => Algorithm::Random,
             "weighted-random" => Algorithm::WeightedRandom,
             "p2c" => Algorithm::PowerOfTwoChoices,
@@ -215,6 +228,8 @@ impl StrategySpec {
         match &self.algorithm {
             Algorithm::RoundRobin => Swappable::new(RoundRobin::new()),
             Algorithm::WeightedRoundRobin => Swappable::new(WeightedRoundRobin::new()),
+            Algorithm::LeastConnections => Swappable::new(LeastConnections::new()),
+            Algorithm::WeightedLeastConnections => Swappable::new(LeastConnections::weighted()),
             Algorithm::Random => Swappable::new(Random::new()),
             Algorithm::WeightedRandom => Swappable::new(Random::weighted()),
             Algorithm::PowerOfTwoChoices => Swappable::new(PowerOfTwoChoices::new()),
