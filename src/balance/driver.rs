@@ -154,7 +154,7 @@ where
             self.publish(&shared, now);
         }
         if self.timed() {
-            self.arm_timer(&shared, cx);
+            self.arm_timer(&shared, now, cx);
         }
         self.more_ready = budget == 0;
         if self.more_ready {
@@ -284,17 +284,22 @@ where
                 let elapsed = now.saturating_duration_since(from);
                 if elapsed >= slow.window {
                     member.ramp_from = None;
+                    member.ramp_factor = 0;
+                    changed = true;
                     tracing::debug!(key = ?member.key, "slow start over");
+                } else {
+                    // Rebuild only when the ramp moved, not on every wake-up of the task.
+                    let factor = slow.factor(elapsed);
+                    changed |= factor != member.ramp_factor;
+                    member.ramp_factor = factor;
                 }
-                // Every step changes effective weights.
-                changed = true;
             }
         }
         changed
     }
 
     /// Sleeps until the next ejection end or slow-start step.
-    fn arm_timer(&mut self, shared: &SharedOf<D, St, Kx>, cx: &mut Context<'_>) {
+    fn arm_timer(&mut self, shared: &SharedOf<D, St, Kx>, now: Instant, cx: &mut Context<'_>) {
         if tokio::runtime::Handle::try_current().is_err() {
             // The priming poll at construction may run outside a runtime; the task arms it.
             return;
@@ -311,7 +316,7 @@ where
                 .iter()
                 .flat_map(|m| {
                     let ramp = m.ramp_from.map(|from| {
-                        let elapsed = Instant::now().saturating_duration_since(from);
+                        let elapsed = now.saturating_duration_since(from);
                         let done = (elapsed.as_nanos() / step.as_nanos().max(1)) as u32;
                         from + step * (done + 1)
                     });

@@ -85,6 +85,8 @@ pub(crate) struct Member<K, S> {
     pub(crate) returned_at: Option<tokio::time::Instant>,
     /// When its slow start began, while it lasts.
     pub(crate) ramp_from: Option<tokio::time::Instant>,
+    /// The slow-start factor of the last table, to rebuild only when the ramp moves.
+    pub(crate) ramp_factor: u32,
 }
 
 impl<K, S> Member<K, S> {
@@ -98,6 +100,7 @@ impl<K, S> Member<K, S> {
             ejected_until: None,
             returned_at: None,
             ramp_from: None,
+            ramp_factor: 0,
         }
     }
 }
