@@ -11,12 +11,12 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use common::Echo;
+use common::{weighted, Echo};
 use tower::{Layer, Service};
 use tower_lb::strategy::{PowerOfTwoChoices, Strategy};
 use tower_lb::{
     discover, key_fn, Balance, BalanceLayer, ConsistentHash, LeastConnections, Random, RoundRobin,
-    Weight, Weighted, WeightedRoundRobin,
+    WeightedRoundRobin,
 };
 
 struct Counting;
@@ -89,15 +89,6 @@ where
     }
     COUNTING.with(|c| c.set(false));
     ALLOCATIONS.with(Cell::get)
-}
-
-/// Endpoints with these weights, each answering its index.
-fn weighted(weights: &[u32]) -> Vec<(usize, Weighted<Echo>)> {
-    weights
-        .iter()
-        .enumerate()
-        .map(|(id, &w)| (id, Weighted::new(Echo(id), Weight::new(w).unwrap())))
-        .collect()
 }
 
 /// The allocations of 10,000 requests through a weighted balancer with `strategy`, keyed by

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{settle, Echo, Gate, Gated};
+use common::{settle, weighted, Echo, Gate, Gated};
 use tower::util::BoxCloneService;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::{discover, Balance, BalanceLayer, Random, Weight, Weighted, WeightedRoundRobin};
@@ -43,14 +43,6 @@ where
     S::Future: Send + 'static,
 {
     BoxCloneService::new(svc.map_err(Into::into))
-}
-
-fn weighted(weights: &[u32]) -> Vec<(usize, Weighted<Echo>)> {
-    weights
-        .iter()
-        .enumerate()
-        .map(|(id, &w)| (id, Weighted::new(Echo(id), Weight::new(w).unwrap())))
-        .collect()
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -27,6 +27,18 @@ impl<R> Service<R> for Echo {
     }
 }
 
+/// `Echo` endpoints with these weights, keyed and answering by their index.
+pub fn weighted(weights: &[u32]) -> Vec<(usize, tower_lb::Weighted<Echo>)> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(id, &w)| {
+            let weight = tower_lb::Weight::new(w).unwrap();
+            (id, tower_lb::Weighted::new(Echo(id), weight))
+        })
+        .collect()
+}
+
 /// A readiness switch shared by every clone of a [`Gated`] service.
 #[derive(Clone, Debug, Default)]
 pub struct Gate {
