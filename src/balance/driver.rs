@@ -198,13 +198,8 @@ where
                 }
             }
             Change::Remove(key) => {
-                if let Some(member) = registry.remove(&key) {
-                    tracing::debug!(
-                        ?key,
-                        in_flight = member.handle.in_flight(),
-                        "endpoint removed"
-                    );
-                    registry.retired.push((member.key, member.handle));
+                if let Some(in_flight) = registry.retire(&key) {
+                    tracing::debug!(?key, in_flight, "endpoint removed");
                 }
             }
         }
@@ -347,9 +342,8 @@ where
         // Draining endpoints leave the table; their in-flight requests finish.
         while let Some(position) = registry.members.iter().position(|m| m.handle.is_draining()) {
             let key = registry.members[position].key.clone();
-            if let Some(member) = registry.remove(&key) {
-                tracing::info!(key = ?member.key, in_flight = member.handle.in_flight(), "endpoint draining");
-                registry.retired.push((member.key, member.handle));
+            if let Some(in_flight) = registry.retire(&key) {
+                tracing::info!(?key, in_flight, "endpoint draining");
             }
         }
 

@@ -125,13 +125,17 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
         }
     }
 
-    pub(crate) fn remove(&mut self, key: &K) -> Option<Member<K, S>> {
+    /// Takes an endpoint out of the table into `retired`, where it stays (in stats) until
+    /// nothing is in flight or can still be dispatched to it. Returns its in-flight count.
+    pub(crate) fn retire(&mut self, key: &K) -> Option<u64> {
         let position = self.index.remove(key)?;
         let member = self.members.swap_remove(position);
         if let Some(moved) = self.members.get(position) {
             self.index.insert(moved.key.clone(), position);
         }
-        Some(member)
+        let in_flight = member.handle.in_flight();
+        self.retired.push((member.key, member.handle));
+        Some(in_flight)
     }
 
     /// Forgets removed endpoints that nothing can dispatch to any more and that have nothing
