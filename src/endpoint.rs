@@ -126,6 +126,9 @@ pub(crate) struct EndpointState {
     failures: AtomicU64,
     /// The weight discovery or a handle gave (at least 1).
     configured_weight: AtomicU32,
+    /// The id the balancer gave the endpoint's current service; a new `Insert` of the same key
+    /// replaces the service and the id.
+    service_id: AtomicU64,
     /// Who to tell when the endpoint fails too often; `None` outside a balancer.
     events: Option<std::sync::Arc<EndpointEvents>>,
     /// Woken when the last in-flight request of a draining endpoint finishes.
@@ -183,6 +186,17 @@ impl EndpointState {
     /// Sets the configured weight; the driver derives the weight strategies see from it.
     pub(crate) fn set_weight(&self, weight: u32) {
         self.configured_weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// Records the id of the endpoint's service, when it is inserted or replaced.
+    pub(crate) fn set_service(&self, id: u64) {
+        self.service_id.store(id, Ordering::Release);
+    }
+
+    /// Whether `id` is the endpoint's current service.
+    #[inline]
+    pub(crate) fn serves(&self, id: u64) -> bool {
+        self.service_id.load(Ordering::Acquire) == id
     }
 
     /// Sets the weight strategies see.
@@ -462,6 +476,7 @@ impl EndpointHandle {
             failures: AtomicU64::new(0),
             weight: AtomicU32::new(weight),
             configured_weight: AtomicU32::new(weight),
+            service_id: AtomicU64::new(0),
             flags: AtomicU32::new(0),
             events,
             drained: futures_util::task::AtomicWaker::new(),
@@ -489,13 +504,14 @@ impl EndpointHandle {
         guard
     }
 
-    /// Dispatches a request unless the endpoint has one of the `unavailable` flags, checked
-    /// after the request is counted in flight: whoever sets a flag and then waits for the
-    /// in-flight count to reach zero (a drain) either sees this request or is seen by it.
+    /// Dispatches a request to service `service` of this endpoint, unless the endpoint has
+    /// one of the `unavailable` flags or its service has been replaced. Checked after the
+    /// request is counted in flight: whoever sets a flag and then waits for the in-flight count
+    /// to reach zero (a drain) either sees this request or is seen by it.
     #[inline]
-    pub(crate) fn try_dispatch(&self, unavailable: u32) -> Option<InFlightGuard> {
+    pub(crate) fn try_dispatch(&self, unavailable: u32, service: u64) -> Option<InFlightGuard> {
         let guard = self.enter();
-        if self.flags.load(Ordering::SeqCst) & unavailable != 0 {
+        if self.flags.load(Ordering::SeqCst) & unavailable != 0 || !self.serves(service) {
             // Dropping the guard releases the count (and wakes a drain waiting for it).
             return None;
         }

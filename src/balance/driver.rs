@@ -410,7 +410,7 @@ where
                 };
                 m.handle.set_effective_weight(effective.max(1));
                 let source = Source {
-                    service: m.service.clone(),
+                    service: Arc::clone(&m.service),
                     slot: m.slot,
                     id: m.id,
                 };

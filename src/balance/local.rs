@@ -187,8 +187,9 @@ impl<S: Clone, P: Picker> Local<S, P> {
     }
 
     /// Sends `request` where `poll_ready` reserved, or, for keyed strategies, where its key
-    /// maps. If that endpoint was removed, drained or ejected since, the request goes to
-    /// another one instead (readied in the response future), never to that endpoint.
+    /// maps. If that endpoint was removed, drained or ejected since, or its service replaced,
+    /// the request goes to another one instead (readied in the response future), never to
+    /// that endpoint's old service.
     pub(super) fn call<K, Kx, C, Req>(
         &mut self,
         request: Req,
@@ -225,7 +226,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
                     };
                     return ResponseFuture::failed(error, completion.clone());
                 };
-                match self.dispatch(index, request, completion) {
+                match self.dispatch(index, request, false, completion) {
                     Ok(future) => future,
                     Err(request) => self.redirect(request, key_hash, shared, completion),
                 }
@@ -256,7 +257,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let Some(service) = self.copies.live(source.slot, source.id) else {
             return Err(request);
         };
-        let Some(guard) = handle.try_dispatch(snapshot.unavailable()) else {
+        let Some(guard) = handle.try_dispatch(snapshot.unavailable(), source.id) else {
             return Err(request);
         };
         let probe = snapshot
@@ -270,13 +271,15 @@ impl<S: Clone, P: Picker> Local<S, P> {
         ))
     }
 
-    /// Sends `request` to endpoint `index` without a reservation: through this clone's copy of
-    /// its service, called at once if it is ready, else readied by the response future. The
-    /// request comes back if the endpoint is unavailable.
+    /// Sends `request` to endpoint `index` without a reservation, through this clone's copy
+    /// of its service: called at once if it is ready; else readied by the response future,
+    /// unless `ready_now` asks for an endpoint that is ready at once. The request comes back
+    /// if the endpoint is unavailable (or not ready, with `ready_now`).
     fn dispatch<Req, C: Clone>(
         &mut self,
         index: usize,
         request: Req,
+        ready_now: bool,
         completion: &C,
     ) -> Result<ResponseFuture<S, Req, C>, Req>
     where
@@ -291,38 +294,43 @@ impl<S: Clone, P: Picker> Local<S, P> {
             return Err(request);
         };
         let unavailable = snapshot.unavailable();
-        if handle.flags() & unavailable != 0 {
+        if handle.flags() & unavailable != 0 || !handle.serves(source.id) {
             return Err(request);
         }
         let copy = self.copies.get_or_copy(source, snapshot.members.len());
         let Some(service) = copy.service.as_mut() else {
             return Err(request);
         };
-        let Some(guard) = handle.try_dispatch(unavailable) else {
+        let mut noop = Context::from_waker(Waker::noop());
+        let ready = matches!(service.poll_ready(&mut noop), Poll::Ready(Ok(())));
+        if ready_now && !ready {
+            return Err(request);
+        }
+        let Some(guard) = handle.try_dispatch(unavailable, source.id) else {
             return Err(request);
         };
         let probe = snapshot
             .latency_decay_ns
             .map(|decay| LatencyProbe::new(clock::now_ns(), decay));
-        let mut noop = Context::from_waker(Waker::noop());
-        Ok(match service.poll_ready(&mut noop) {
-            Poll::Ready(Ok(())) => {
-                ResponseFuture::called(service.call(request), guard, probe, completion.clone())
-            }
+        Ok(if ready {
+            ResponseFuture::called(service.call(request), guard, probe, completion.clone())
+        } else {
             // Not ready (or failing): the response future readies a clone of it, so the
             // request still goes where it was sent, and a failure is counted there.
-            _ => ResponseFuture::readying(
+            ResponseFuture::readying(
                 Oneshot::new(service.clone(), request),
                 guard,
                 probe,
                 completion.clone(),
-            ),
+            )
         })
     }
 
     /// The endpoint a request was meant for became unavailable: move to the newest table
-    /// (which leaves that endpoint out once published) and choose again — the picker first,
-    /// then the first available endpoint after its choice (keyed) or from a random position.
+    /// (which leaves that endpoint out once published) and choose again. A keyed request goes
+    /// where its key maps in that table; otherwise, and if that endpoint is unavailable too,
+    /// the picker's choices and then every endpoint in turn (after the key's endpoint, or
+    /// from a random one) are tried, first for one that is ready at once, then for any.
     fn redirect<K, Kx, C, Req>(
         &mut self,
         mut request: Req,
@@ -345,26 +353,34 @@ impl<S: Clone, P: Picker> Local<S, P> {
         if n == 0 {
             return ResponseFuture::failed(Error::NoEndpoints, completion.clone());
         }
-        let picks = if key_hash.is_some() { 1 } else { 3 };
-        let mut start = None;
-        for _ in 0..picks {
-            let Some(index) = self.pick(key_hash).filter(|&i| i < n) else {
-                continue;
-            };
-            start.get_or_insert(index + 1);
-            match self.dispatch(index, request, completion) {
-                Ok(future) => return future,
-                Err(back) => request = back,
+        let mut choices = [None; 3];
+        if key_hash.is_some() {
+            choices[0] = self.pick(key_hash);
+            if let Some(home) = choices[0] {
+                match self.dispatch(home, request, false, completion) {
+                    Ok(future) => return future,
+                    Err(back) => request = back,
+                }
+            }
+        } else {
+            for choice in &mut choices {
+                *choice = self.pick(None);
             }
         }
-        let start = match (key_hash, start) {
-            (Some(_), Some(after)) => after,
+        let start = match (key_hash, choices[0]) {
+            (Some(_), Some(home)) => home + 1,
             _ => self.pick.rng.below(n),
         };
-        for offset in 0..n {
-            match self.dispatch((start + offset) % n, request, completion) {
-                Ok(future) => return future,
-                Err(back) => request = back,
+        let candidates = choices
+            .into_iter()
+            .flatten()
+            .chain((0..n).map(|offset| (start + offset) % n));
+        for ready_now in [true, false] {
+            for index in candidates.clone() {
+                match self.dispatch(index, request, ready_now, completion) {
+                    Ok(future) => return future,
+                    Err(back) => request = back,
+                }
             }
         }
         ResponseFuture::failed(Error::NoEndpoints, completion.clone())
@@ -405,10 +421,10 @@ where
     S::Error: Into<BoxError>,
 {
     let handle = &snapshot.endpoints[index];
-    if handle.flags() & snapshot.unavailable() != 0 {
+    let source = &snapshot.sources[index];
+    if handle.flags() & snapshot.unavailable() != 0 || !handle.serves(source.id) {
         return Poll::Ready(false);
     }
-    let source = &snapshot.sources[index];
     let copy = copies.get_or_copy(source, snapshot.members.len());
     let Some(service) = copy.service.as_mut() else {
         return Poll::Ready(false);
@@ -453,7 +469,7 @@ impl<S> Copy<S> {
         Self {
             slot: source.slot,
             id: source.id,
-            service: Some(source.service.clone()),
+            service: Some(S::clone(&source.service)),
         }
     }
 
@@ -602,7 +618,7 @@ mod tests {
 
     fn source(slot: u32, id: u64) -> Source<u64> {
         Source {
-            service: id * 10,
+            service: std::sync::Arc::new(id * 10),
             slot,
             id,
         }

@@ -156,13 +156,10 @@ where
         driver.prime();
         *lock(&shared.unspawned) = Some(Box::pin(driver));
         // Start discovery now if a runtime is current; otherwise at the first poll_ready.
-        let spawned = shared.spawn_driver().is_ok();
-        let mut local = Local::new(shared.local_state(), NO_VERSION, None);
-        if spawned {
-            // Clones start from this table; without a runtime the first `poll_ready` must
-            // still go the slow way, which starts the task.
-            local.sync(&shared.table);
-        }
+        let _ = shared.spawn_driver();
+        // No table yet: a balancer that is only ever cloned (axum's `State`, say) must not
+        // keep a table, and with it removed endpoints' services, alive.
+        let local = Local::new(shared.local_state(), NO_VERSION, None);
         Self {
             shared,
             local,

@@ -45,7 +45,8 @@ impl Default for Config {
 
 /// One endpoint's service in a table, and where clones keep their copies of it.
 pub(crate) struct Source<S> {
-    pub(crate) service: S,
+    /// Shared with the member and every table that has it, so a publish clones no service.
+    pub(crate) service: std::sync::Arc<S>,
     /// The member's slot, fixed while it is a member: clones keep their copies by slot.
     pub(crate) slot: u32,
     /// Which service this is: every `Insert` gets a new id, so a clone never uses its copy of
@@ -94,7 +95,7 @@ pub(crate) enum Control {
 pub(crate) struct Member<K, S> {
     pub(crate) key: K,
     pub(crate) handle: EndpointHandle,
-    pub(crate) service: S,
+    pub(crate) service: std::sync::Arc<S>,
     /// See [`Source::slot`].
     pub(crate) slot: u32,
     /// See [`Source::id`]: a readiness failure reported for another id came from a service
@@ -162,12 +163,13 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
             self.slot_count - 1
         });
         let id = self.next_id();
+        handle.set_service(id);
         let position = self.members.len();
         self.index.insert(key.clone(), position);
         self.members.push(Member {
             key,
             handle,
-            service,
+            service: std::sync::Arc::new(service),
             slot,
             id,
             ejections: 0,
@@ -184,8 +186,10 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
         let id = self.next_id();
         let member = &mut self.members[position];
         self.invalidated.push((member.slot, member.id));
-        member.service = service;
+        member.service = std::sync::Arc::new(service);
         member.id = id;
+        // Requests reserved on the old service in older tables go to the new one's table.
+        member.handle.set_service(id);
     }
 
     /// Takes an endpoint out of the table into `retired`, where it stays (in stats) until
