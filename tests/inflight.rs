@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use proptest::prelude::*;
 use tower::{BoxError, Service, ServiceExt};
-use tower_lb::{discover, Balance, Error, RoundRobin};
+use tower_lb::{discover, strategy::RoundRobin, Balance, Error};
 
 /// What the endpoint does with a request.
 #[derive(Clone, Copy, Debug)]
@@ -200,7 +200,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Reweight(key, weight) => {
                 let _ = balance
                     .handle()
-                    .set_weight(&key, tower_lb::Weight::new(weight).unwrap());
+                    .set_weight(&key, tower_lb::weight::Weight::new(weight).unwrap());
             }
         }
         if let Op::Remove(_) | Op::Insert(_) | Op::Reweight(..) = op {

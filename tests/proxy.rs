@@ -31,9 +31,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
-use tower_lb::discover::HealthCheckBuilder;
+use tower_lb::health::HealthCheckBuilder;
 use tower_lb::health::OutlierDetection;
-use tower_lb::Weight;
+use tower_lb::weight::Weight;
 
 /// How long any single step may take before the test fails instead of hanging.
 const STEP: Duration = Duration::from_secs(10);

@@ -23,16 +23,21 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::discover::Change;
 use tower::{BoxError, Layer, Service};
-use tower_lb::discover::{HealthCheckBuilder, HealthStatus, HttpProbe};
 use tower_lb::health::OutlierDetection;
 use tower_lb::http::{connect, ClientIp, CookieKey, HeaderKey, HttpEndpoint, PathKey, PeerAddr};
 use tower_lb::http::{TrackBody, TrackedBody};
+use tower_lb::key::{KeyHasher, Keyed};
 use tower_lb::strategy::Swappable;
-use tower_lb::KeyHasher;
+use tower_lb::strategy::{
+    ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random,
+};
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
-use tower_lb::{ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random};
-use tower_lb::{RequestKey, RoundRobin};
-use tower_lb::{Weight, WeightedRoundRobin};
+use tower_lb::{
+    health::{HealthCheckBuilder, HealthStatus},
+    http::HttpProbe,
+};
+use tower_lb::{key::RequestKey, strategy::RoundRobin};
+use tower_lb::{strategy::WeightedRoundRobin, weight::Weight};
 
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
@@ -304,7 +309,7 @@ type Endpoint = HttpEndpoint<Body>;
 type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Endpoint>, BoxError>> + Send>>;
 // `Swappable` lets the strategy be chosen at run time (from the command line) behind one type;
 // it costs one virtual call per pick.
-type ProxyBalance = Balance<Endpoints, Swappable, HashOn, TrackBody>;
+type ProxyBalance = Balance<SocketAddr, Endpoint, Swappable, Keyed<HashOn>, TrackBody>;
 
 /// Builds the balancer over the configured backends, behind active health checks if
 /// configured; returns it with the health checks' view of the backends.

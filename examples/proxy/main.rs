@@ -53,7 +53,7 @@ async fn start_demo_backends() -> std::io::Result<Vec<Backend>> {
         });
         backends.push(Backend {
             addr,
-            weight: tower_lb::Weight::ONE,
+            weight: tower_lb::weight::Weight::ONE,
         });
     }
     Ok(backends)

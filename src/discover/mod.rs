@@ -2,9 +2,8 @@
 //!
 //! - [`fixed`]: a list known up front.
 //! - [`channel`]: a [`DiscoverHandle`] that inserts and removes endpoints at run time.
-//! - [`HealthCheck`]: wraps any of these (or any other source) and passes on only the
-//!   endpoints whose probes pass: [`TcpProbe`], `HttpProbe` (feature `http`) or an async
-//!   function ([`probe_fn`]).
+//! - [`HealthCheck`](crate::health::HealthCheck) (in [`health`](crate::health)): wraps any of
+//!   these (or any other source) and passes on only the endpoints whose probes pass.
 //!
 //! Any other `Discover` works too: a balancer accepts any stream of
 //! [`Change`](tower::discover::Change)s.
@@ -12,8 +11,9 @@
 //! ```
 //! use std::time::Duration;
 //! use tower::service_fn;
-//! use tower_lb::discover::{self, probe_fn, HealthCheckBuilder};
-//! use tower_lb::{Balance, RoundRobin};
+//! use tower_lb::discover;
+//! use tower_lb::health::{probe_fn, HealthCheckBuilder};
+//! use tower_lb::{strategy::RoundRobin, Balance};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), tower_lb::ConfigError> {
@@ -39,14 +39,6 @@
 
 mod channel;
 mod fixed;
-mod health;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
 pub use fixed::{fixed, Fixed};
-#[cfg(feature = "http")]
-pub use health::HttpProbe;
-pub use health::{
-    probe_fn, BoxProbeFuture, EndpointHealth, HealthCheck, HealthCheckBuilder, HealthStatus,
-    InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
-    TcpProbe,
-};

@@ -4,7 +4,7 @@ use std::fmt;
 use std::ptr::NonNull;
 
 use super::{check_owners, EndpointState, DRAIN, IN_FLIGHT_MASK, OWNER, OWNER_MASK, WATCHED};
-use crate::sync::{fence, Ordering};
+use crate::util::sync::{fence, Ordering};
 
 /// Counts one request as in flight to an endpoint for as long as it lives.
 ///
@@ -56,11 +56,7 @@ impl InFlightGuard {
     /// consecutive failures that load-aware strategies and outlier detection hold against
     /// it); the guard is released as usual.
     pub fn record_failure(&self) {
-        if self.state().record_response_failure() {
-            if let Some(events) = &self.state().events {
-                events.wake.notify_one();
-            }
-        }
+        self.state().record_response_failure();
     }
 
     /// Counts the request as answered successfully, ending any run of failures.

@@ -1,7 +1,7 @@
 //! The PeakEWMA latency estimate of an endpoint, and the clock it is measured on.
 
 use super::EndpointState;
-use crate::sync::{AtomicU64, Ordering};
+use crate::util::sync::{AtomicU64, Ordering};
 
 /// The balancer's clock: tokio's, so that latency estimates follow a paused test clock.
 pub(crate) mod clock {

@@ -22,7 +22,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use super::{EndpointState, IN_FLIGHT_MASK, WATCHED};
-use crate::sync::{fence, Ordering};
+use crate::util::sync::{fence, Ordering};
 
 /// Where endpoints report their in-flight counts.
 pub(crate) trait LoadReport: Send + Sync + 'static {

@@ -43,7 +43,7 @@ pub(crate) mod load_report;
 use std::fmt;
 use std::ptr::{self, NonNull};
 
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicWaker, Ordering};
+use crate::util::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicWaker, Ordering};
 
 pub use guard::InFlightGuard;
 pub(crate) use latency::clock;
@@ -79,26 +79,13 @@ const _: () = {
     send_sync::<EndpointState>();
 };
 
-/// What an endpoint reports to its balancer from the response path.
-pub(crate) struct EndpointEvents {
-    /// Consecutive failures that eject the endpoint; 0 disables ejection.
-    pub(crate) eject_after: u32,
-    /// How many endpoints may be ejected at once, and how many are.
-    pub(crate) max_ejected: std::sync::atomic::AtomicUsize,
-    pub(crate) ejected: std::sync::atomic::AtomicUsize,
-    /// Wakes the discovery task, which times the ejection.
-    pub(crate) wake: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl EndpointEvents {
-    /// Takes one of the ejection slots, if one is free.
-    fn try_eject(&self) -> bool {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        let max = self.max_ejected.load(Acquire);
-        self.ejected
-            .fetch_update(AcqRel, Acquire, |n| (n < max).then_some(n + 1))
-            .is_ok()
-    }
+/// Hears of every failed response of an endpoint, on the response path: how passive health
+/// checking ([`health`](crate::health)) learns of failures without the endpoint knowing its
+/// policy.
+pub(crate) trait FailureReport: Send + Sync + 'static {
+    /// A response of `endpoint` failed; `in_a_row` counts this one and those that failed
+    /// right before it.
+    fn failed(&self, endpoint: &EndpointState, in_a_row: u32);
 }
 
 /// The shared state of one endpoint.
@@ -129,8 +116,8 @@ pub(crate) struct EndpointState {
     configured_weight: AtomicU32,
     /// Requests and readiness checks that failed.
     failures: AtomicU64,
-    /// Who to tell when the endpoint fails too often; `None` outside a balancer.
-    events: Option<std::sync::Arc<EndpointEvents>>,
+    /// Who hears of failed responses; `None` when nobody listens.
+    failure_report: Option<std::sync::Arc<dyn FailureReport>>,
     /// Woken when the last in-flight request of a draining endpoint finishes.
     drained: AtomicWaker,
     /// The PeakEWMA latency estimate ([`latency`]).
@@ -140,7 +127,7 @@ pub(crate) struct EndpointState {
     /// Lets loom see the cell's life: a leaked cell leaks this `Arc` and a double free drops
     /// it twice, and loom reports both.
     #[cfg(tower_lb_loom)]
-    _life: crate::sync::Arc<()>,
+    _life: crate::util::sync::Arc<()>,
 }
 
 impl EndpointState {
@@ -197,18 +184,13 @@ impl EndpointState {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
-    /// Counts a failed response: the failure total and the run of consecutive failures.
-    /// Returns `true` when the run has just reached the balancer's ejection threshold and the
-    /// endpoint was ejected (within the balancer's cap on ejected endpoints).
-    pub(crate) fn record_response_failure(&self) -> bool {
+    /// Counts a failed response: the failure total and the run of consecutive failures, and
+    /// tells whoever listens.
+    pub(crate) fn record_response_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let run = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        match &self.events {
-            Some(events) if run == events.eject_after && events.try_eject() => {
-                self.flags.fetch_or(EJECTED, Ordering::AcqRel);
-                true
-            }
-            _ => false,
+        if let Some(report) = &self.failure_report {
+            report.failed(self, run);
         }
     }
 
@@ -277,7 +259,7 @@ impl EndpointState {
     pub(crate) fn poll_drained(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         // Register first, then look: a release that takes the count to zero after the look
         // wakes the waker registered before it.
-        crate::sync::register(&self.drained, cx.waker());
+        crate::util::sync::register(&self.drained, cx.waker());
         if self.in_flight() == 0 {
             std::task::Poll::Ready(())
         } else {
@@ -335,15 +317,15 @@ impl EndpointHandle {
     pub(crate) fn with_identity(
         weight: u32,
         identity: Box<str>,
-        events: Option<std::sync::Arc<EndpointEvents>>,
+        failure_report: Option<std::sync::Arc<dyn FailureReport>>,
     ) -> Self {
-        Self::with_refs(weight, identity, events, OWNER)
+        Self::with_refs(weight, identity, failure_report, OWNER)
     }
 
     fn with_refs(
         weight: u32,
         identity: Box<str>,
-        events: Option<std::sync::Arc<EndpointEvents>>,
+        failure_report: Option<std::sync::Arc<dyn FailureReport>>,
         refs: u64,
     ) -> Self {
         let state = Box::new(EndpointState {
@@ -356,12 +338,12 @@ impl EndpointHandle {
             weight: AtomicU32::new(weight),
             configured_weight: AtomicU32::new(weight),
             failures: AtomicU64::new(0),
-            events,
+            failure_report,
             drained: AtomicWaker::new(),
             rtt: latency::Estimate::new(),
             identity,
             #[cfg(tower_lb_loom)]
-            _life: crate::sync::Arc::new(()),
+            _life: crate::util::sync::Arc::new(()),
         });
         Self {
             ptr: NonNull::from(Box::leak(state)),
@@ -649,9 +631,9 @@ mod loom_tests {
     fn no_request_is_sent_after_the_drain_resolved() {
         loom::model(|| {
             let handle = EndpointHandle::new(1);
-            let events = crate::sync::Arc::new(crate::sync::Mutex::new(Vec::new()));
+            let events = crate::util::sync::Arc::new(crate::util::sync::Mutex::new(Vec::new()));
             let sender = {
-                let (handle, events) = (handle.clone(), crate::sync::Arc::clone(&events));
+                let (handle, events) = (handle.clone(), crate::util::sync::Arc::clone(&events));
                 thread::spawn(move || {
                     if let Some(guard) = handle.try_dispatch(REMOVED, 0) {
                         events.lock().unwrap().push("sent");

@@ -50,7 +50,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use crate::endpoint::LoadReport;
-use crate::sync::{AtomicU64, Ordering};
+use crate::util::sync::{AtomicU64, Ordering};
 
 /// In-flight counts the index tracks: `0..LEVELS`. An endpoint with more requests in flight
 /// has no bit; a picker that finds no level occupied falls back to reading every endpoint.
@@ -645,7 +645,7 @@ mod loom_tests {
                 thread::spawn(move || {
                     // As an endpoint reports: read-modify-write, fence, report.
                     let now = count.fetch_add(1, Ordering::Relaxed) + 1;
-                    crate::sync::fence(Ordering::Acquire);
+                    crate::util::sync::fence(Ordering::Acquire);
                     index.report(now, 0);
                 })
             };

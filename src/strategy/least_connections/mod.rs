@@ -13,7 +13,7 @@ use super::{Endpoints, PickContext, Picker, Strategy};
 use crate::endpoint::load_report::Watch;
 use crate::endpoint::{clock, Activation, EndpointHandle, EndpointState, LoadReport};
 use crate::error::ConfigError;
-use crate::sync::{AtomicU64, Ordering};
+use crate::util::sync::{AtomicU64, Ordering};
 
 /// The least-connections index an endpoint reports to, if it reports to one.
 fn index_of(watch: &Watch) -> Option<Arc<LoadIndex>> {
@@ -37,7 +37,7 @@ const MAX_WEIGHT_CLASSES: usize = 8;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_lb::{BalanceLayer, LeastConnections};
+/// use tower_lb::{strategy::LeastConnections, BalanceLayer};
 ///
 /// // Plain least connections.
 /// let layer = BalanceLayer::new(LeastConnections::new());
