@@ -58,4 +58,5 @@ pub use health::{
     InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
     TcpProbe,
 };
+pub(crate) use target::check_authority;
 pub use target::Target;

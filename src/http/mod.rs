@@ -10,6 +10,9 @@
 //! - [`HttpEndpoint`] and [`connect`]: an endpoint service that points each request at one
 //!   address over a shared pooled hyper-util client, and a `Discover` adapter that turns
 //!   discovered addresses into such services.
+//! - [`MakeHttpEndpoint`]: endpoints for addresses found by name (DNS) that keep the name —
+//!   `Host` over HTTP/1.1, `:authority` over HTTP/2, the TLS server name — while connecting to
+//!   the address ([`ConnectTo`]); use it with [`discover::connect`](crate::discover::connect).
 //!
 //! ```
 //! use std::net::SocketAddr;
@@ -37,7 +40,9 @@
 mod body;
 mod endpoint;
 mod key;
+mod make;
 
 pub use body::{BodyCompletion, TrackBody, TrackedBody};
-pub use endpoint::{connect, Connect, HttpEndpoint};
+pub use endpoint::HttpEndpoint;
 pub use key::{ClientIp, CookieKey, HeaderKey, PathKey, PeerAddr};
+pub use make::{connect, ConnectTo, MakeHttpEndpoint};
