@@ -5,7 +5,7 @@
 //! - [`HealthCheck`]: wraps any of these (or any other source) and passes on only the
 //!   endpoints whose probes pass: [`TcpProbe`], `HttpProbe` (feature `http`) or an async
 //!   function ([`probe_fn`]).
-//! - `dns` (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
+//! - [`dns`] (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
 //!   TTLs run out.
 //! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
 //!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
@@ -44,6 +44,8 @@
 
 mod channel;
 mod connect;
+#[cfg(feature = "dns")]
+pub mod dns;
 mod fixed;
 mod health;
 mod target;
@@ -58,5 +60,6 @@ pub use health::{
     InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
     TcpProbe,
 };
+#[cfg(feature = "http")]
 pub(crate) use target::check_authority;
 pub use target::Target;

@@ -76,6 +76,13 @@ impl Target {
     pub fn weight(&self) -> Weight {
         self.weight
     }
+
+    /// Shares an authority checked once for every address of a name.
+    #[cfg(feature = "dns")]
+    pub(crate) fn with_checked_authority(mut self, authority: Arc<str>) -> Self {
+        self.authority = Some(authority);
+        self
+    }
 }
 
 impl From<SocketAddr> for Target {
