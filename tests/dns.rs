@@ -95,7 +95,7 @@ fn answering(
 /// HTTP backends on 127.0.0.2, .3, .4 … on one port (A records carry no port), each
 /// answering `{local address} {Host}`.
 async fn backends(count: u8) -> (u16, Vec<SocketAddr>) {
-    'retry: loop {
+    'retry: for _ in 0..100 {
         let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
         let port = first.local_addr().unwrap().port();
         let mut listeners = vec![first];
@@ -136,6 +136,10 @@ async fn backends(count: u8) -> (u16, Vec<SocketAddr>) {
         }
         return (port, addrs);
     }
+    panic!(
+        "no port free on 127.0.0.2 to 127.0.0.{} in 100 tries",
+        1 + count
+    );
 }
 
 /// The first changes `dns` yields (errors skipped) until `count` endpoints are in.

@@ -1171,7 +1171,7 @@ fn the_command_line_is_parsed_and_mistakes_are_explained() {
 
 /// Listeners on 127.0.0.2, 127.0.0.3, … all on one port (A records carry no port).
 async fn listeners_on_one_port(count: u8) -> (u16, Vec<TcpListener>) {
-    'retry: loop {
+    'retry: for _ in 0..100 {
         let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
         let port = first.local_addr().unwrap().port();
         let mut listeners = vec![first];
@@ -1183,6 +1183,10 @@ async fn listeners_on_one_port(count: u8) -> (u16, Vec<TcpListener>) {
         }
         return (port, listeners);
     }
+    panic!(
+        "no port free on 127.0.0.2 to 127.0.0.{} in 100 tries",
+        1 + count
+    );
 }
 
 #[tokio::test]

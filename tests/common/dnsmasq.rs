@@ -46,13 +46,14 @@ fn binary() -> PathBuf {
 
 /// A port free for both UDP and TCP on 127.0.0.1 (taken from the OS, then released).
 fn free_port() -> u16 {
-    loop {
+    for _ in 0..100 {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no port free for both UDP and TCP in 100 tries");
 }
 
 impl Dnsmasq {
