@@ -446,12 +446,14 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_server_builds_without_a_runtime() {
-        let dns = DnsBuilder::new()
-            .name("api.test:80")
-            .unwrap()
+    fn listed_servers_or_a_hickory_configuration_build_without_a_runtime() {
+        let named = || DnsBuilder::new().name("api.test:80").unwrap();
+        let listed = named()
             .nameserver("127.0.0.1:53".parse().unwrap())
-            .build();
-        assert!(dns.is_ok());
+            .nameserver("127.0.0.1:5353".parse().unwrap());
+        assert!(matches!(&listed.servers, Servers::Listed(s) if s.len() == 2));
+        assert!(listed.build().is_ok());
+        let custom = named().resolver_config(ResolverConfig::default(), ResolverOpts::default());
+        assert!(custom.build().is_ok());
     }
 }
