@@ -91,6 +91,9 @@ struct Tally {
     failed: AtomicU64,
     cancelled: AtomicU64,
     panicked: AtomicU64,
+    /// Requests the balancer refused at `call`: every endpoint they could go to left after
+    /// `poll_ready` reserved one. Never dispatched, so not picks.
+    refused: AtomicU64,
 }
 
 impl Tally {
@@ -170,6 +173,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 match task.await {
                     Ok(Ok(())) => tally.completed.fetch_add(1, Ordering::SeqCst),
+                    Ok(Err(error))
+                        if error.downcast_ref::<Error>() == Some(&Error::NoEndpoints) =>
+                    {
+                        tally.refused.fetch_add(1, Ordering::SeqCst)
+                    }
                     Ok(Err(_)) => tally.failed.fetch_add(1, Ordering::SeqCst),
                     Err(e) if e.is_panic() => tally.panicked.fetch_add(1, Ordering::SeqCst),
                     Err(_) => tally.cancelled.fetch_add(1, Ordering::SeqCst),

@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use super::shared::{Control, Shared};
-use crate::endpoint::{EndpointHandle, DRAINING};
+use crate::endpoint::EndpointHandle;
 use crate::error::Error;
 use crate::stats::Stats;
 use crate::sync::lock;
@@ -58,9 +58,10 @@ impl<K> BalanceHandle<K> {
         self.upgrade()?.set_weight(key, weight)
     }
 
-    /// Drains an endpoint: it gets no new requests at once (requests already reserved by a
-    /// `poll_ready` may still be sent), and it is removed from the balancer. The returned
-    /// future resolves when its in-flight requests have finished.
+    /// Drains an endpoint: it gets no new requests at once — requests already reserved on it
+    /// by a `poll_ready` go to other endpoints — and it is removed from the balancer. The
+    /// returned future resolves when its in-flight requests have finished, and no request is
+    /// sent to the endpoint after that.
     ///
     /// A later `Insert` of the same key from discovery adds it again as a new endpoint.
     pub fn drain(&self, key: &K) -> Result<Drain, Error> {
@@ -86,12 +87,7 @@ impl Future for Drain {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.handle.register_drain_waker(cx.waker());
-        if self.handle.in_flight() == 0 {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        self.handle.poll_drained(cx)
     }
 }
 
@@ -153,7 +149,7 @@ where
             let registry = lock(&self.registry);
             let position = *registry.index.get(key).ok_or(Error::UnknownEndpoint)?;
             let handle = registry.members[position].handle.clone();
-            handle.set_flag(DRAINING);
+            handle.start_drain();
             handle
         };
         self.control
