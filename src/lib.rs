@@ -62,7 +62,9 @@
 //!
 //! - **Discovery** is any [`tower::discover::Discover`] stream of `Change::Insert(key, svc)`
 //!   and `Change::Remove(key)`; [`discover`] has ready-made sources (a fixed list, a runtime
-//!   handle, and [`health::HealthCheck`], active health checking as a discovery adapter). A
+//!   handle, DNS with the `dns` feature, and [`health::HealthCheck`], active health checking
+//!   as a discovery adapter), and [`discover::connect`] turns a source of addresses into one
+//!   of endpoint services (a tonic `Channel` or hyper client per address), keeping keys. A
 //!   background task on the current tokio runtime applies changes as they come, with or
 //!   without traffic, and ends when the last clone of the balancer is dropped. `Insert` of a
 //!   known key replaces its service and keeps its counters; `Remove` stops new picks at once
@@ -111,9 +113,10 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `http` | [`http`]: request keys (client IP with trusted proxies, header, path, cookie), in-flight until the body ends, 5xx classification, endpoints by address over a pooled hyper-util client, HTTP health probes |
+//! | `http` | [`http`]: request keys (client IP with trusted proxies, header, path, cookie), in-flight until the body ends, 5xx classification, endpoints by address over a pooled hyper-util client or by name pinned to an address (`Host`, `:authority`, SNI kept), HTTP health probes |
 //! | `health-http` | the same as `http` |
 //! | `axum` | `http::ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
+//! | `dns` | [`discover::dns`]: endpoints from A/AAAA and SRV names, re-resolved by TTL (hickory-resolver) |
 //! | `metrics` | `metrics::Exporter`: gauges and counters through the `metrics` facade |
 //!
 //! # Decisions

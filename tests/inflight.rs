@@ -162,7 +162,16 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         continue;
                     }
                 }
-                let response = clone.call(fate);
+                let mut response = Box::pin(clone.call(fate));
+                // Endpoints always yield before answering, so a response that is ready at
+                // once was refused by the balancer (never dispatched): tell it apart now, before
+                // a `Cancel` could abort it unpolled.
+                if let Poll::Ready(result) = futures::poll!(&mut response) {
+                    let error = result.expect_err("endpoints yield before answering");
+                    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
+                    tally.refused.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 let tally = tally.clone();
                 let task = tokio::spawn(response);
                 requests.push((fate, task, tally));

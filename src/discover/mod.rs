@@ -4,6 +4,11 @@
 //! - [`channel`]: a [`DiscoverHandle`] that inserts and removes endpoints at run time.
 //! - [`HealthCheck`](crate::health::HealthCheck) (in [`health`](crate::health)): wraps any of
 //!   these (or any other source) and passes on only the endpoints whose probes pass.
+//! - [`dns`] (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
+//!   TTLs run out.
+//! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
+//!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
+//!   address, a hyper client, anything — keeping the keys.
 //!
 //! Any other `Discover` works too: a balancer accepts any stream of
 //! [`Change`](tower::discover::Change)s.
@@ -38,7 +43,15 @@
 //! ```
 
 mod channel;
+mod connect;
+#[cfg(feature = "dns")]
+pub mod dns;
 mod fixed;
+mod target;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
+pub use connect::{connect, connect_service, Connect, ConnectService, MakeEndpoint, MakeError};
 pub use fixed::{fixed, Fixed};
+#[cfg(feature = "http")]
+pub(crate) use target::check_authority;
+pub use target::Target;

@@ -12,6 +12,9 @@
 //!   discovered addresses into such services.
 //! - [`HttpProbe`]: an HTTP `GET` probe for active health checks
 //!   ([`HealthCheck`](crate::health::HealthCheck)).
+//! - [`MakeHttpEndpoint`]: endpoints for addresses found by name (DNS) that keep the name —
+//!   `Host` over HTTP/1.1, `:authority` over HTTP/2, the TLS server name — while connecting to
+//!   the address ([`ConnectTo`]); use it with [`discover::connect`](crate::discover::connect).
 //!
 //! ```
 //! use std::net::SocketAddr;
@@ -39,9 +42,11 @@
 mod body;
 mod endpoint;
 mod key;
+mod make;
 mod probe;
 
 pub use body::{BodyCompletion, TrackBody, TrackedBody};
-pub use endpoint::{connect, Connect, HttpEndpoint};
+pub use endpoint::HttpEndpoint;
 pub use key::{ClientIp, CookieKey, HeaderKey, PathKey, PeerAddr};
+pub use make::{connect, ConnectTo, MakeHttpEndpoint};
 pub use probe::HttpProbe;

@@ -9,6 +9,8 @@ use std::task::{Context, Poll, Waker};
 
 use tower::{BoxError, Service};
 
+pub mod dnsmasq;
+
 /// Answers its own id at once; always ready.
 #[derive(Clone, Debug)]
 pub struct Echo(pub usize);
