@@ -7,6 +7,7 @@
 //! ```
 //! use std::convert::Infallible;
 //! use std::time::Duration;
+//! use tower::timeout::TimeoutLayer;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 //!
@@ -21,9 +22,14 @@
 //! });
 //!
 //! let svc = ServiceBuilder::new()
+//!     // The caller's own deadline, around the balancer.
 //!     .timeout(Duration::from_secs(2))
 //!     .layer(BalanceLayer::new(RoundRobin::new()))
-//!     .service(discover::fixed(replicas));
+//!     // Per endpoint, inside it: a timeout that counts against an endpoint that hangs.
+//!     .service(discover::with_layer(
+//!         discover::fixed(replicas),
+//!         TimeoutLayer::new(Duration::from_secs(1)),
+//!     ));
 //!
 //! // `svc` is `Clone`: hand a copy to every task; clones share endpoints and counters.
 //! let reply = svc.clone().oneshot("ada".to_string()).await?;
@@ -102,7 +108,16 @@
 //!   [`BalanceLayer::wait_for_endpoints`] has waited (bounded) for discovery. Use the wait when
 //!   endpoints arrive asynchronously (DNS, health checks) and the first requests may come
 //!   before them.
-//! - **Errors** are [`tower::BoxError`]s; the balancer's own errors downcast to [`Error`].
+//! - **Failures** — what outlier detection, failure-aware strategies and stats count against
+//!   an endpoint — are decided in one place ([`classify`]): errors from the endpoint's service
+//!   (a per-endpoint timeout from [`discover::with_layer`] included) but never the caller's own
+//!   (its request body failed, it went away); responses as the
+//!   [`TrackCompletion`](completion::TrackCompletion) judges them — with the `http` feature,
+//!   5xx and the gRPC statuses that say the server failed, from headers or, when a stream
+//!   ends, from its trailers; and, if configured, requests abandoned after a long wait.
+//! - **Errors** are [`tower::BoxError`]s; the balancer's own errors downcast to [`Error`], and
+//!   an endpoint's errors come wrapped in a [`classify::EndpointError`] that names the
+//!   endpoint.
 //!   Invalid configuration is rejected where it is given, with a [`ConfigError`] naming the
 //!   setting.
 //! - **Observability**: [`Balance::stats`] / [`BalanceHandle::stats`] (per endpoint: key,
@@ -164,6 +179,7 @@
 #![deny(unsafe_code)]
 
 mod balance;
+pub mod classify;
 pub mod completion;
 mod control;
 pub mod discover;
@@ -182,7 +198,7 @@ mod util;
 pub mod weight;
 
 pub use balance::{Balance, BalanceHandle, BalanceLayer, BoxBalance, ResponseFuture};
-pub use endpoint::InFlightGuard;
+pub use endpoint::{InFlightGuard, Outcome};
 pub use error::{ConfigError, Error};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
 

@@ -30,6 +30,8 @@ pub(super) struct Config {
     /// How long `poll_ready` waits for discovery to produce an endpoint before failing with
     /// `NoEndpoints`; `None` fails at once.
     pub(super) wait_for_endpoints: Option<Duration>,
+    /// See [`BalanceLayer::count_abandoned_after`].
+    pub(super) abandon_after: Option<Duration>,
     pub(super) passive: Passive,
     /// Seeds the clones' random generators, for reproducible runs.
     pub(super) seed: Option<u64>,
@@ -67,6 +69,7 @@ where
     let front = Front {
         key,
         wait_for_endpoints: config.wait_for_endpoints,
+        abandon_after_ns: config.abandon_after.map(|d| d.as_nanos() as u64),
         clones: CachePadded(AtomicU64::new(0)),
         rotation_base,
         seed_base,
@@ -86,7 +89,12 @@ where
     let _ = shared.task.spawn();
     // No table yet: a balancer that is only ever cloned (axum's `State`, say) must not keep a
     // table, and with it removed endpoints' services, alive.
-    let local = Local::new(clone_state(&shared.front), NO_VERSION, None);
+    let local = Local::new(
+        clone_state(&shared.front),
+        NO_VERSION,
+        None,
+        shared.front.abandon_after_ns,
+    );
     Balance {
         shared,
         local,
@@ -178,6 +186,26 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
             ));
         }
         self.config.wait_for_endpoints = (!wait.is_zero()).then_some(wait);
+        Ok(self)
+    }
+
+    /// Counts a request whose response future (or tracked body) the caller drops unfinished
+    /// after waiting at least `wait` as a failure of its endpoint, so that a caller's own
+    /// timeout around the balancer — `ServiceBuilder::timeout` outside it, say — still blames
+    /// an endpoint that hangs. Requests dropped sooner (the caller went away) never count. Off
+    /// by default; set it a little below the outer timeout. At most a day. Costs one clock
+    /// read per request.
+    ///
+    /// A timeout inside the balancer, around each endpoint (see
+    /// [`discover::with_layer`](crate::discover::with_layer)), blames the endpoint in any case.
+    pub fn count_abandoned_after(mut self, wait: Duration) -> Result<Self, ConfigError> {
+        if wait > MAX_WAIT {
+            return Err(ConfigError::new(
+                "count_abandoned_after",
+                format!("{wait:?} is longer than the one-day maximum"),
+            ));
+        }
+        self.config.abandon_after = Some(wait);
         Ok(self)
     }
 

@@ -6,6 +6,8 @@
 //!   these (or any other source) and passes on only the endpoints whose probes pass.
 //! - [`dns`] (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
 //!   TTLs run out.
+//! - [`with_layer`]: wraps each endpoint in a layer — a per-endpoint timeout, whose expiry
+//!   then counts against the endpoint.
 //! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
 //!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
 //!   address, a hyper client, anything — keeping the keys.
@@ -50,7 +52,10 @@ mod fixed;
 mod target;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
-pub use connect::{connect, connect_service, Connect, ConnectService, MakeEndpoint, MakeError};
+pub use connect::{
+    connect, connect_service, with_layer, Connect, ConnectService, EachEndpoint, MakeEndpoint,
+    MakeError,
+};
 pub use fixed::{fixed, Fixed};
 #[cfg(feature = "http")]
 pub(crate) use target::check_authority;

@@ -4,7 +4,9 @@
 //! loopback ports, makes 30 unary calls through one `EchoClient` over a round-robin
 //! `Balance`, prints how many calls each server got (the balancer's counters and the servers'
 //! own), then opens a server-streaming call and prints the in-flight count while the stream
-//! is open and after it ends.
+//! is open and after it ends. Last, one server starts answering `UNAVAILABLE`: the balancer
+//! counts each such status (an HTTP 200 whose gRPC status says the server failed), ejects the
+//! server after three in a row, and the calls move to the other two.
 
 use tower::BoxError;
 use tower_lb_grpc_example::pb::EchoRequest;
@@ -60,5 +62,35 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     println!("  stream ended; in flight: {}", balance.stats().in_flight());
+
+    let failing = &servers[1];
+    failing.fail(true);
+    println!(
+        "\n{} starts answering UNAVAILABLE; {UNARY_CALLS} more calls:",
+        failing.addr
+    );
+    let mut failed = 0;
+    for i in 0..UNARY_CALLS {
+        let request = EchoRequest {
+            message: format!("again {i}"),
+            count: 0,
+        };
+        if let Err(status) = client.unary_echo(request).await {
+            println!("  call {i} failed: {}", status.code());
+            failed += 1;
+        }
+    }
+    let stats = balance.stats();
+    for server in &servers {
+        let endpoint = stats.get(&server.addr).expect("a known server");
+        println!(
+            "  {}: {:?}, {} failures, {} calls answered in all",
+            server.addr,
+            endpoint.status,
+            endpoint.failures,
+            server.calls()
+        );
+    }
+    println!("  {failed} of {UNARY_CALLS} calls failed before the ejection");
     Ok(())
 }
