@@ -5,6 +5,11 @@
 //! - [`HealthCheck`]: wraps any of these (or any other source) and passes on only the
 //!   endpoints whose probes pass: [`TcpProbe`], `HttpProbe` (feature `http`) or an async
 //!   function ([`probe_fn`]).
+//! - `dns` (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
+//!   TTLs run out.
+//! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
+//!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
+//!   address, a hyper client, anything — keeping the keys.
 //!
 //! Any other `Discover` works too: a balancer accepts any stream of
 //! [`Change`](tower::discover::Change)s.
@@ -38,10 +43,13 @@
 //! ```
 
 mod channel;
+mod connect;
 mod fixed;
 mod health;
+mod target;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
+pub use connect::{connect, connect_service, Connect, ConnectService, MakeEndpoint, MakeError};
 pub use fixed::{fixed, Fixed};
 #[cfg(feature = "http")]
 pub use health::HttpProbe;
@@ -50,3 +58,4 @@ pub use health::{
     InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
     TcpProbe,
 };
+pub use target::Target;
