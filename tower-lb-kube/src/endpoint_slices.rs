@@ -34,7 +34,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<Event<EndpointSlice>, watche
 /// starts terminating, stops being ready or goes away.
 ///
 /// Keys and services are the endpoints' socket addresses (the pod IP and the selected port);
-/// map them to endpoint services with `tower_lb::discover::connect`. See the
+/// `tower_lb::discover::connect` maps them to endpoint services. See the
 /// [crate docs](crate) for the rules and the decisions behind them.
 ///
 /// The stream never ends: failures are reported as [`Error`] items, retried after a backoff

@@ -4,13 +4,15 @@
 //! [`EndpointSlices`] watches the `discovery.k8s.io/v1` EndpointSlices of one Service (those
 //! labelled `kubernetes.io/service-name=<service>`) with kube's
 //! [`watcher`](kube::runtime::watcher()), and is a `tower::discover::Discover` stream of
-//! `Insert(addr, addr)` / `Remove(addr)` keyed by the endpoints' socket addresses.
+//! `Insert(addr, addr)` / `Remove(addr)` keyed by the endpoints' socket addresses;
+//! `tower_lb::discover::connect` turns the addresses into endpoint services. Keys are
+//! `SocketAddr`s, as DNS discovery's are, so consistent hashing places an endpoint the same
+//! way whichever of the two found it.
 //!
 //! ```no_run
-//! use futures_util::StreamExt;
-//! use tower::discover::Change;
+//! use std::net::SocketAddr;
 //! use tower::{service_fn, ServiceExt};
-//! use tower_lb::{Balance, RoundRobin};
+//! use tower_lb::{discover, Balance, RoundRobin};
 //! use tower_lb_kube::EndpointSlices;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -19,15 +21,10 @@
 //! // real API server needs a TLS feature of kube (its default `rustls-tls`).
 //! let client = kube::Client::try_default().await?;
 //! let endpoints = EndpointSlices::new(client, "default", "echo")?.port_name("grpc")?;
-//! // One endpoint service per address (a tonic `Channel`, a hyper client, ...).
-//! let source = endpoints.map(|change| {
-//!     change.map(|change| match change {
-//!         Change::Insert(key, addr) => Change::Insert(
-//!             key,
-//!             service_fn(move |_: ()| async move { Ok::<_, tower::BoxError>(addr) }),
-//!         ),
-//!         Change::Remove(key) => Change::Remove(key),
-//!     })
+//! // One endpoint service per address: in a real program a tonic `Channel` or a hyper client
+//! // pointed at it; here a stand-in that answers with its address.
+//! let source = discover::connect(endpoints, |addr: SocketAddr| {
+//!     service_fn(move |_: ()| async move { Ok::<_, tower::BoxError>(addr) })
 //! });
 //! let balance = Balance::new(source, RoundRobin::new());
 //! let served_by = balance.oneshot(()).await?;

@@ -12,7 +12,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::Semaphore;
 use tower::discover::Change;
 use tower::{Layer, ServiceExt};
-use tower_lb::{Balance, BalanceLayer, EndpointStatus, Error as LbError, RoundRobin};
+use tower_lb::{discover, Balance, BalanceLayer, EndpointStatus, Error as LbError, RoundRobin};
 use tower_lb_kube::{EndpointSlices, Error};
 
 use fake_api::{slice, FakeApiServer};
@@ -337,15 +337,10 @@ impl tower::Service<()> for Held {
 fn held_services(
     source: EndpointSlices,
     permits: Arc<Semaphore>,
-) -> impl Stream<Item = Result<Change<SocketAddr, Held>, Error>> + Send + 'static {
-    source.map(move |change| {
-        change.map(|change| match change {
-            Change::Insert(key, addr) => {
-                let permits = Arc::clone(&permits);
-                Change::Insert(key, Held { addr, permits })
-            }
-            Change::Remove(key) => Change::Remove(key),
-        })
+) -> discover::Connect<EndpointSlices, impl FnMut(SocketAddr) -> Held> {
+    discover::connect(source, move |addr| Held {
+        addr,
+        permits: Arc::clone(&permits),
     })
 }
 
