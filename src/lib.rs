@@ -104,6 +104,7 @@
 //! | `health-http` | the same as `http` |
 //! | `axum` | `http::ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
 //! | `metrics` | `metrics::Exporter`: gauges and counters through the `metrics` facade |
+//! | `etcd` | `discover::etcd`: endpoints from an etcd prefix (list, then watch; gRPC-Go's naming format) and registration under a lease; needs Rust 1.88 and `protoc` to build |
 //!
 //! # Decisions
 //!
@@ -117,6 +118,12 @@
 //!   atomic add to dispatch and one atomic subtract to finish, plus one for the pick counter.
 //! - Weight 0 is rejected ([`Weight::new`]): to stop traffic to an endpoint, remove or drain
 //!   it. Weights are 1 to 1,000,000.
+//! - A discovery source drains an endpoint by removing it: `Change::Remove` already takes it
+//!   out of new picks while its in-flight requests finish, so sources need no separate drain
+//!   signal. [`BalanceHandle::drain`] does the same from outside discovery and also returns a
+//!   future that resolves when the last request has finished. Registries map termination
+//!   this way: a Kubernetes endpoint that is terminating but still serving
+//!   (`tower-lb-kube`), an etcd registration deleted at shutdown.
 //! - Consistent hashing places endpoints by their identity (the discovery key's `Debug`
 //!   form, e.g. `127.0.0.1:8080`), never by discovery order, so every process agrees.
 //! - Latency-aware picking reads tokio's clock once at pick time and once at completion, and

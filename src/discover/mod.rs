@@ -7,6 +7,9 @@
 //!   function ([`probe_fn`]).
 //! - `dns` (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
 //!   TTLs run out.
+//! - `etcd` (feature `etcd`): the endpoints registered under a service's prefix in etcd,
+//!   watched live (gRPC-Go's naming layout), and `etcd::register` for a server's own entry
+//!   under a lease. Kubernetes EndpointSlices are in the `tower-lb-kube` crate.
 //! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
 //!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
 //!   address, a hyper client, anything — keeping the keys.
@@ -44,6 +47,8 @@
 
 mod channel;
 mod connect;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod fixed;
 mod health;
 mod target;
