@@ -147,7 +147,12 @@ impl Stream for EndpointSlices {
                 }
                 Poll::Ready(Some(Err(error))) => {
                     let delay = this.backoff.next_delay();
-                    tracing::warn!(service = %this.service, %error, ?delay, "EndpointSlice watch failed; retrying after a backoff");
+                    tracing::warn!(
+                        service = %this.service,
+                        %error,
+                        ?delay,
+                        "EndpointSlice watch failed; retrying after a backoff"
+                    );
                     this.backing_off = Some(Box::pin(tokio::time::sleep(delay)));
                     return Poll::Ready(Some(Err(Error::Watch(error))));
                 }

@@ -219,7 +219,7 @@ impl SliceSet {
             self.inserted.remove(&addr);
             match conditions.get(&addr) {
                 Some(Condition::Terminating) => {
-                    tracing::info!(%addr, "endpoint terminating: draining (no new requests; those in flight finish)");
+                    tracing::info!(%addr, "endpoint terminating: drained (no new requests)");
                 }
                 Some(_) => tracing::info!(%addr, "endpoint not ready: removed"),
                 None => tracing::info!(%addr, "endpoint gone: removed"),
