@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
+use tower_lb::discover::etcd::etcd_client::Client;
 
 /// How long etcd may take to start answering.
 const STARTUP: Duration = Duration::from_secs(20);
