@@ -74,7 +74,9 @@
 //!
 //! This crate uses kube with its `client` and `runtime` features and no TLS stack of its own:
 //! a program that talks to a real cluster depends on kube with a TLS feature (its default,
-//! `rustls-tls`, does) and cargo unifies the two. The service account needs `list` and `watch`
+//! `rustls-tls`, does) and cargo unifies the two. As a library, it leaves the Kubernetes API
+//! version to the program, which enables one `k8s-openapi` version feature (for example
+//! `v1_33`, the oldest this k8s-openapi supports; EndpointSlices are the same in all). The service account needs `list` and `watch`
 //! on `endpointslices` in the `discovery.k8s.io` API group, in the Service's namespace.
 
 mod backoff;
