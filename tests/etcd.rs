@@ -16,7 +16,9 @@ use tower::discover::Change;
 use tower::{Layer, ServiceExt};
 use tower_lb::discover::etcd::{register, watch, EtcdError, EtcdWatch};
 use tower_lb::discover::{self, Target};
-use tower_lb::{Balance, BalanceLayer, Error, NoKey, RoundRobin, Weight, Weighted};
+use tower_lb::strategy::RoundRobin;
+use tower_lb::weight::{Weight, Weighted};
+use tower_lb::{Balance, BalanceLayer, Error};
 
 use etcd_server::EtcdServer;
 
@@ -60,12 +62,8 @@ fn echo(target: Target) -> Weighted<Echo> {
     )
 }
 
-type EchoBalance = Balance<
-    discover::Connect<EtcdWatch, fn(Target) -> Weighted<Echo>>,
-    RoundRobin,
-    NoKey,
-    tower_lb::CompleteOnResponse,
->;
+/// The weighted layer unwraps `Weighted`: the balancer holds the `Echo`s.
+type EchoBalance = Balance<SocketAddr, Echo, RoundRobin>;
 
 fn balance_over(source: EtcdWatch) -> EchoBalance {
     BalanceLayer::new(RoundRobin::new())

@@ -2,8 +2,9 @@
 //! and the admin stats. `main.rs` parses the command line and runs it; `tests/proxy.rs`
 //! includes this file and runs it in-process on loopback.
 
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,22 +24,32 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::discover::Change;
 use tower::{BoxError, Layer, Service};
-use tower_lb::discover::{HealthCheckBuilder, HealthStatus, HttpProbe};
+use tower_lb::discover::dns::DnsBuilder;
+use tower_lb::discover::Target;
 use tower_lb::health::OutlierDetection;
-use tower_lb::http::{connect, ClientIp, CookieKey, HeaderKey, HttpEndpoint, PathKey, PeerAddr};
+use tower_lb::http::{ClientIp, CookieKey, HeaderKey, HttpEndpoint, PathKey, PeerAddr};
 use tower_lb::http::{TrackBody, TrackedBody};
+use tower_lb::key::{KeyHasher, Keyed};
 use tower_lb::strategy::Swappable;
-use tower_lb::KeyHasher;
+use tower_lb::strategy::WeightedRoundRobin;
+use tower_lb::strategy::{
+    ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random,
+};
+use tower_lb::weight::{Weight, Weighted};
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
-use tower_lb::{ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random};
-use tower_lb::{RequestKey, RoundRobin};
-use tower_lb::{Weight, WeightedRoundRobin};
+use tower_lb::{
+    health::{HealthCheckBuilder, HealthStatus},
+    http::HttpProbe,
+};
+use tower_lb::{key::RequestKey, strategy::RoundRobin};
 
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
-    /// The backends, each with its weight (1 unless given).
+    /// The backends at fixed addresses, each with its weight (1 unless given).
     pub(crate) backends: Vec<Backend>,
+    /// The backends found by DNS names, re-resolved as their TTLs run out.
+    pub(crate) dns: DnsBackends,
     /// How requests are spread over the backends.
     pub(crate) strategy: StrategySpec,
     /// The path of the JSON stats page (served by the proxy, not forwarded).
@@ -75,6 +86,7 @@ impl Config {
     pub(crate) fn new(backends: Vec<Backend>) -> Self {
         Self {
             backends,
+            dns: DnsBackends::default(),
             strategy: StrategySpec::parse("round-robin").expect("a known strategy"),
             admin_path: "/_lb/stats".to_owned(),
             outlier: OutlierDetection::new(),
@@ -90,10 +102,19 @@ pub(crate) struct Backend {
     pub(crate) weight: Weight,
 }
 
+/// A `--backend` value: a fixed address, or a DNS name re-resolved as its TTL runs out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BackendSpec {
+    Addr(Backend),
+    /// `host:port`, and the weight of each of its addresses.
+    Name(String, Weight),
+}
+
 impl Backend {
-    /// Parses `ADDR[=WEIGHT]`, where `ADDR` is `ip:port` or `host:port` (resolved now, first
-    /// address) and `WEIGHT` a whole number from 1.
-    pub(crate) fn parse(spec: &str) -> Result<Self, String> {
+    /// Parses `ADDR[=WEIGHT]`, where `ADDR` is `ip:port` (a fixed backend) or `host:port` (a
+    /// DNS name: every address it resolves to is a backend, re-resolved as the TTL runs out) and
+    /// `WEIGHT` a whole number from 1.
+    pub(crate) fn parse(spec: &str) -> Result<BackendSpec, String> {
         let (addr, weight) = match spec.rsplit_once('=') {
             Some((addr, weight)) => {
                 let weight = weight
@@ -104,12 +125,45 @@ impl Backend {
             }
             None => (spec, Weight::ONE),
         };
-        let addr = addr
-            .to_socket_addrs()
-            .map_err(|e| format!("backend {spec:?}: {addr:?} is not a host:port address ({e})"))?
-            .next()
-            .ok_or_else(|| format!("backend {spec:?}: {addr:?} resolves to no address"))?;
-        Ok(Self { addr, weight })
+        if let Ok(addr) = addr.parse::<SocketAddr>() {
+            return Ok(BackendSpec::Addr(Self { addr, weight }));
+        }
+        DnsBuilder::new()
+            .name(addr)
+            .map_err(|e| format!("backend {spec:?}: {addr:?} is not a host:port address ({e})"))?;
+        Ok(BackendSpec::Name(addr.to_owned(), weight))
+    }
+}
+
+/// Backends found by DNS: `--backend NAME:PORT` and `--backend-srv NAME`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DnsBackends {
+    /// `host:port` names with the weight of each of their addresses.
+    pub(crate) names: Vec<(String, Weight)>,
+    /// SRV names; their records give ports and weights.
+    pub(crate) srv: Vec<String>,
+    /// The resolver's settings (servers, timing); the system's and the defaults if `None`.
+    pub(crate) resolver: Option<DnsBuilder>,
+}
+
+impl DnsBackends {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.srv.is_empty()
+    }
+
+    /// The discovery stream of every name, or `None` without names.
+    fn discover(&self) -> Result<Option<Candidates>, ConfigError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let mut builder = self.resolver.clone().unwrap_or_default();
+        for (name, _) in &self.names {
+            builder = builder.name(name)?;
+        }
+        for name in &self.srv {
+            builder = builder.srv(name)?;
+        }
+        Ok(Some(Box::pin(builder.build()?.map_err(BoxError::from))))
     }
 }
 
@@ -300,54 +354,71 @@ pub(crate) fn check_admin_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-type Endpoint = HttpEndpoint<Body>;
+type Endpoint = Weighted<HttpEndpoint<Body>>;
 type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Endpoint>, BoxError>> + Send>>;
+type Candidates = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Target>, BoxError>> + Send>>;
 // `Swappable` lets the strategy be chosen at run time (from the command line) behind one type;
 // it costs one virtual call per pick.
-type ProxyBalance = Balance<Endpoints, Swappable, HashOn, TrackBody>;
+type ProxyBalance = Balance<SocketAddr, HttpEndpoint<Body>, Swappable, Keyed<HashOn>, TrackBody>;
 
-/// Builds the balancer over the configured backends, behind active health checks if
-/// configured; returns it with the health checks' view of the backends.
+/// Builds the balancer over the configured backends (fixed, and found by DNS), behind active
+/// health checks if configured; returns it with the health checks' view of the backends.
 fn build_balancer(
     config: &Config,
 ) -> Result<(ProxyBalance, Option<HealthStatus<SocketAddr>>), ConfigError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    // One client, so one connection pool, for every backend and every probe.
+    // One client, so one connection pool, for every backend and every probe. Requests keep
+    // their client's `Host`, so backends found by name need no name of their own.
     let client = Client::builder(TokioExecutor::new()).build(connector);
 
-    let candidates = discover::fixed(config.backends.iter().map(|b| (b.addr, b.addr)));
-    let (endpoints, health): (Endpoints, _) = match &config.health {
-        None => (
-            Box::pin(connect(client, candidates).map_err(BoxError::from)),
-            None,
-        ),
+    let fixed = discover::fixed(
+        config
+            .backends
+            .iter()
+            .map(|b| (b.addr, Target::new(b.addr).with_weight(b.weight))),
+    );
+    let mut candidates: Candidates = Box::pin(fixed.map_err(BoxError::from));
+    if let Some(found) = config.dns.discover()? {
+        candidates = Box::pin(futures::stream::select(candidates, found));
+    }
+    let (candidates, health): (Candidates, _) = match &config.health {
+        None => (candidates, None),
         Some(active) => {
             let probe = HttpProbe::new(&client, &active.path)?;
             let checked = active.settings.build(candidates, probe);
             let status = checked.status();
-            let endpoints = connect(client, checked).map_err(BoxError::from);
-            (Box::pin(endpoints), Some(status))
+            (Box::pin(checked.map_err(BoxError::from)), Some(status))
         }
     };
-
-    let weights: Vec<(SocketAddr, Weight)> =
-        config.backends.iter().map(|b| (b.addr, b.weight)).collect();
-    let weigh = move |addr: &SocketAddr, _: &Endpoint| {
-        weights
-            .iter()
-            .find(|(a, _)| a == addr)
-            .map_or(Weight::ONE, |(_, w)| *w)
-    };
+    // `--backend NAME:PORT=WEIGHT` weighs every address of the name (a target carries its name
+    // as `host:port`, without a final dot); SRV records carry their own weights.
+    let name_weights: HashMap<String, Weight> = config
+        .dns
+        .names
+        .iter()
+        .map(|(name, weight)| match name.rsplit_once(':') {
+            Some((host, port)) => (format!("{}:{port}", host.trim_end_matches('.')), *weight),
+            None => (name.clone(), *weight),
+        })
+        .collect();
+    let endpoints = discover::connect(candidates, move |target: Target| {
+        let weight = target
+            .authority()
+            .and_then(|name| name_weights.get(name))
+            .copied()
+            .unwrap_or(target.weight());
+        Weighted::new(HttpEndpoint::new(&client, target.addr()), weight)
+    });
 
     let balance = BalanceLayer::new(config.strategy.strategy())
         .key(config.strategy.hash_on.clone())
-        .weigh_with(weigh)
+        .weighted()
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
         .outlier_detection(config.outlier)
-        .layer(endpoints);
+        .layer(Box::pin(endpoints) as Endpoints);
     Ok((balance, health))
 }
 
@@ -585,9 +656,13 @@ async fn admin_stats(State(state): State<AppState>) -> Response {
         "backends": backends,
     });
     if let Some(health) = &state.health {
-        // Every configured backend, including those the health checks took out.
-        let checks: Vec<serde_json::Value> = state
-            .backends
+        // Every configured backend, including those the health checks took out, then those
+        // found by DNS.
+        let mut addrs = state.backends.to_vec();
+        let found = health.all().into_iter().map(|(addr, _)| addr);
+        let found: Vec<SocketAddr> = found.filter(|addr| !addrs.contains(addr)).collect();
+        addrs.extend(found);
+        let checks: Vec<serde_json::Value> = addrs
             .iter()
             .map(|addr| match health.get(addr) {
                 Some(health) => serde_json::json!({

@@ -1,14 +1,18 @@
 //! A reverse proxy on axum and hyper-util, balancing with tower-lb.
 //!
 //! ```text
-//! cargo run --example proxy --features http
-//! cargo run --example proxy --features http -- \
+//! cargo run --example proxy --features http,dns
+//! cargo run --example proxy --features http,dns -- \
 //!     --listen 127.0.0.1:8080 --backend 127.0.0.1:8081=3 --backend 127.0.0.1:8082 \
 //!     --strategy round-robin --admin /_lb/stats
+//! cargo run --example proxy --features http,dns -- \
+//!     --backend api.internal:8080 --backend-srv _http._tcp.search.internal
 //! ```
 //!
 //! With no `--backend` it starts three demo backends on loopback (fast, medium, slow) and
-//! prints curl lines to try.
+//! prints curl lines to try. A `--backend host:port` is resolved by DNS (every address is a
+//! backend) and resolved again as its TTL runs out; `--backend-srv` takes backends from SRV
+//! records.
 //!
 //! - Bodies stream both ways: hyper's `Incoming` bodies pass through, never held whole, and a
 //!   response counts as in flight until its body has streamed.
@@ -53,7 +57,7 @@ async fn start_demo_backends() -> std::io::Result<Vec<Backend>> {
         });
         backends.push(Backend {
             addr,
-            weight: tower_lb::Weight::ONE,
+            weight: tower_lb::weight::Weight::ONE,
         });
     }
     Ok(backends)
@@ -72,7 +76,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if config.backends.is_empty() {
+    if config.backends.is_empty() && config.dns.is_empty() {
         match start_demo_backends().await {
             Ok(backends) => config.backends = backends,
             Err(error) => {
@@ -98,12 +102,23 @@ async fn main() -> ExitCode {
     };
 
     println!(
-        "tower-lb proxy on http://{listen} ({} over {} backends)",
+        "tower-lb proxy on http://{listen} ({} over {} backends{})",
         config.strategy.name(),
-        config.backends.len()
+        config.backends.len(),
+        if config.dns.is_empty() {
+            ""
+        } else {
+            " and DNS names"
+        }
     );
     for backend in &config.backends {
         println!("  backend {} (weight {})", backend.addr, backend.weight);
+    }
+    for (name, weight) in &config.dns.names {
+        println!("  backends: every address of {name} (weight {weight}), kept up to date by DNS");
+    }
+    for name in &config.dns.srv {
+        println!("  backends: the SRV records of {name}, kept up to date by DNS");
     }
     match &config.health {
         Some(health) => println!(

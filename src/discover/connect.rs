@@ -52,7 +52,7 @@ where
 /// ```
 /// use std::net::SocketAddr;
 /// use tower::{service_fn, Layer, ServiceExt};
-/// use tower_lb::{discover, BalanceLayer, RoundRobin};
+/// use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {
@@ -145,7 +145,7 @@ impl<D: fmt::Debug, M> fmt::Debug for Connect<D, M> {
 /// ```
 /// use std::net::SocketAddr;
 /// use tower::{service_fn, BoxError, Layer, ServiceExt};
-/// use tower_lb::{discover, BalanceLayer, RoundRobin};
+/// use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), BoxError> {

@@ -19,7 +19,7 @@ use crate::weight::Weight;
 /// ```
 /// use std::net::SocketAddr;
 /// use tower_lb::discover::Target;
-/// use tower_lb::Weight;
+/// use tower_lb::weight::Weight;
 ///
 /// let addr: SocketAddr = "10.0.0.7:8080".parse().unwrap();
 /// let target = Target::new(addr)
@@ -75,6 +75,13 @@ impl Target {
     /// The endpoint's weight.
     pub fn weight(&self) -> Weight {
         self.weight
+    }
+
+    /// Shares an authority checked once for every address of a name.
+    #[cfg(feature = "dns")]
+    pub(crate) fn with_checked_authority(mut self, authority: Arc<str>) -> Self {
+        self.authority = Some(authority);
+        self
     }
 }
 

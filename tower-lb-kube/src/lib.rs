@@ -12,7 +12,8 @@
 //! ```no_run
 //! use std::net::SocketAddr;
 //! use tower::{service_fn, ServiceExt};
-//! use tower_lb::{discover, Balance, RoundRobin};
+//! use tower_lb::strategy::RoundRobin;
+//! use tower_lb::{discover, Balance};
 //! use tower_lb_kube::EndpointSlices;
 //!
 //! # #[tokio::main(flavor = "current_thread")]

@@ -12,7 +12,8 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::Semaphore;
 use tower::discover::Change;
 use tower::{Layer, ServiceExt};
-use tower_lb::{discover, Balance, BalanceLayer, EndpointStatus, Error as LbError, RoundRobin};
+use tower_lb::strategy::RoundRobin;
+use tower_lb::{discover, Balance, BalanceLayer, EndpointStatus, Error as LbError};
 use tower_lb_kube::{EndpointSlices, Error};
 
 use fake_api::{slice, FakeApiServer};

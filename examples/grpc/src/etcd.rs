@@ -1,14 +1,17 @@
 //! The etcd mode (feature `etcd`): servers register themselves under [`SERVICE`] with a
 //! lease, and the client balances over whatever is registered, live.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tower::{BoxError, Layer};
-use tower_lb::discover::etcd::{self, EtcdWatch, Registration};
-use tower_lb::discover::{self, Connect, Target};
+use tower_lb::discover::etcd::{self, Registration};
+use tower_lb::discover::{self, Target};
 use tower_lb::http::TrackBody;
-use tower_lb::{Balance, BalanceLayer, ConfigError, NoKey, RoundRobin};
+use tower_lb::key::NoKey;
+use tower_lb::strategy::RoundRobin;
+use tower_lb::{Balance, BalanceLayer, ConfigError};
 
 use crate::pb::echo_client::EchoClient;
 use crate::RunningServer;
@@ -19,8 +22,7 @@ pub const SERVICE: &str = "tower-lb-example/echo";
 
 /// The balancer over the registered servers: a tonic `Channel` per registered address,
 /// round-robin, each call in flight until its response stream ends.
-pub type EtcdEchoBalance =
-    Balance<Connect<EtcdWatch, fn(Target) -> Channel>, RoundRobin, NoKey, TrackBody>;
+pub type EtcdEchoBalance = Balance<SocketAddr, Channel, RoundRobin, NoKey, TrackBody>;
 
 /// A generated `EchoClient` whose calls are balanced over the servers registered in etcd
 /// under `service`, and a clone of the balancer to read its stats from.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::rng::FastRng;
+use crate::util::rng::FastRng;
 
 /// Doubles from `min` up to `max`, each delay drawn uniformly from the upper half of its
 /// range (so clients that failed together do not retry together), and starts over after a

@@ -10,7 +10,9 @@
 //! use std::time::Duration;
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_lb::discover::{self, etcd, Target};
-//! use tower_lb::{BalanceLayer, RoundRobin, Weight, Weighted};
+//! use tower_lb::strategy::RoundRobin;
+//! use tower_lb::weight::{Weight, Weighted};
+//! use tower_lb::BalanceLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower::BoxError> {
@@ -104,8 +106,8 @@
 //! dropping the registration (or the process dying) stops the renewals, and the entry
 //! disappears when the lease expires.
 //!
-//! [`Weight`]: crate::Weight
-//! [`Weighted`]: crate::Weighted
+//! [`Weight`]: crate::weight::Weight
+//! [`Weighted`]: crate::weight::Weighted
 //! [`Target::weight`]: crate::discover::Target::weight
 //! [`Target::authority`]: crate::discover::Target::authority
 
