@@ -572,7 +572,7 @@ async fn a_dead_backend_costs_a_few_502s_then_is_ejected() {
     let c = TestBackend::echo("c").await;
     let b_addr = b.addr.to_string();
     let mut config = Config::new(vec![a.backend(), b.backend(), c.backend()]);
-    config.outlier = OutlierDetection::new().consecutive_failures(3).unwrap();
+    config.outlier = OutlierDetection::new().consecutive_failures(3);
     let proxy = Proxy::start(config).await;
     assert_eq!(
         shares(&proxy, 30).await.len(),
@@ -653,13 +653,9 @@ fn fast_health_checks() -> ActiveHealth {
     let mut health = ActiveHealth::new("/healthz");
     health.settings = HealthCheckBuilder::new()
         .interval(Duration::from_millis(20))
-        .unwrap()
         .timeout(Duration::from_millis(500))
-        .unwrap()
         .fall(1)
-        .unwrap()
-        .rise(2)
-        .unwrap();
+        .rise(2);
     health
 }
 

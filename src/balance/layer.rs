@@ -182,10 +182,12 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
     }
 
     /// Ejects endpoints whose responses keep failing; see [`health`](crate::health). Off by
-    /// default. Needs tokio's timer.
-    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+    /// default. Needs tokio's timer. The settings are checked here; the error names the first
+    /// one out of range.
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Result<Self, ConfigError> {
+        outlier.validate()?;
         self.config.passive.outlier = Some(outlier);
-        self
+        Ok(self)
     }
 
     /// When fewer than `share` (0–1) of the endpoints are available, balance over all of them,
@@ -202,10 +204,11 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
     }
 
     /// Ramps up the share of new and recovered endpoints; see [`health`](crate::health). Off by
-    /// default. Needs tokio's timer.
-    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+    /// default. Needs tokio's timer. The settings are checked here.
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Result<Self, ConfigError> {
+        slow_start.validate()?;
         self.config.passive.slow_start = Some(slow_start);
-        self
+        Ok(self)
     }
 
     /// Seeds the random choices of every clone (rotation starts, sampling) so that a run can

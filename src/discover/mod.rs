@@ -34,8 +34,8 @@
 //!     async move { healthy }
 //! });
 //! let checked = HealthCheckBuilder::new()
-//!     .interval(Duration::from_secs(1))?
-//!     .build(discover::fixed(replicas), probe);
+//!     .interval(Duration::from_secs(1))
+//!     .build(discover::fixed(replicas), probe)?;
 //! let health = checked.status();
 //! let balance = Balance::new(checked, RoundRobin::new());
 //! # tokio::time::sleep(Duration::from_millis(10)).await;
