@@ -133,6 +133,7 @@
 //! | `axum` | `http::ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
 //! | `dns` | [`discover::dns`]: endpoints from A/AAAA and SRV names, re-resolved by TTL (hickory-resolver) |
 //! | `metrics` | `metrics::Exporter`: gauges and counters through the `metrics` facade |
+//! | `etcd` | `discover::etcd`: endpoints from an etcd prefix (list, then watch; gRPC-Go's naming format) and registration under a lease; needs Rust 1.88 and `protoc` to build |
 //!
 //! # Decisions
 //!
@@ -162,6 +163,12 @@
 //!   atomic add to dispatch and one atomic subtract to finish, plus one for the pick counter.
 //! - Weight 0 is rejected ([`Weight::new`](crate::weight::Weight::new)): to stop traffic to an endpoint, remove or drain
 //!   it. Weights are 1 to 1,000,000.
+//! - A discovery source drains an endpoint by removing it: `Change::Remove` already takes it
+//!   out of new picks while its in-flight requests finish, so sources need no separate drain
+//!   signal. [`BalanceHandle::drain`] does the same from outside discovery and also returns a
+//!   future that resolves when the last request has finished. Registries map termination
+//!   this way: a Kubernetes endpoint that is terminating but still serving
+//!   (`tower-lb-kube`), an etcd registration deleted at shutdown.
 //! - Consistent hashing places endpoints by their identity (the discovery key's `Debug`
 //!   form, e.g. `127.0.0.1:8080`), never by discovery order, so every process agrees.
 //! - Latency-aware picking reads tokio's clock once at pick time and once at completion, and

@@ -8,6 +8,9 @@
 //!   TTLs run out.
 //! - [`with_layer`]: wraps each endpoint in a layer — a per-endpoint timeout, whose expiry
 //!   then counts against the endpoint.
+//! - `etcd` (feature `etcd`): the endpoints registered under a service's prefix in etcd,
+//!   watched live (gRPC-Go's naming layout), and `etcd::register` for a server's own entry
+//!   under a lease. Kubernetes EndpointSlices are in the `tower-lb-kube` crate.
 //! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
 //!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
 //!   address, a hyper client, anything — keeping the keys.
@@ -48,6 +51,8 @@ mod channel;
 mod connect;
 #[cfg(feature = "dns")]
 pub mod dns;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod fixed;
 mod target;
 

@@ -6,7 +6,9 @@
 //!   (messages, `EchoClient`, `EchoServer`);
 //! - [`start_server`]: an `Echo` server on a loopback port, counting the calls it answers;
 //! - [`balanced_client`]: one tonic `Channel` per server, balanced round-robin by
-//!   `tower_lb::BalanceLayer`, wrapped by the generated `EchoClient`.
+//!   `tower_lb::BalanceLayer`, wrapped by the generated `EchoClient`;
+//! - with the feature `etcd`: `register_server` (a server registers itself in etcd with a
+//!   lease) and `etcd_balanced_client` (the client balances over whatever is registered).
 //!
 //! Responses are tracked with [`TrackBody::end_of_stream`], so a server-streaming call counts
 //! as in flight on its server until the client has read the stream to its end (or dropped it),
@@ -35,6 +37,11 @@ use tower_lb::{key::NoKey, strategy::RoundRobin, Balance, BalanceLayer};
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
 use pb::{EchoRequest, EchoResponse};
+
+#[cfg(feature = "etcd")]
+mod etcd;
+#[cfg(feature = "etcd")]
+pub use etcd::{etcd_balanced_client, register_server, EtcdEchoBalance, SERVICE};
 
 /// The messages, client and server generated from `proto/echo.proto`.
 #[allow(missing_docs)]
