@@ -546,10 +546,14 @@ impl<S> Copies<S> {
         self.find(slot, id)?.service.as_mut()
     }
 
+    /// Whether this clone's copy of service `id` in `slot` failed: O(1), like [`Copies::find`].
     fn is_dead(&self, slot: u32, id: u64) -> bool {
-        self.entries()
-            .iter()
-            .any(|c| c.is(slot, id) && c.service.is_none())
+        let copy = if self.by_slot.is_empty() {
+            self.few.iter().find(|c| c.is(slot, id))
+        } else {
+            self.by_slot.get(slot as usize).filter(|c| c.id == id)
+        };
+        copy.is_some_and(|c| c.service.is_none())
     }
 
     /// This clone's copy of `source`, made now if it has none (or one of a replaced service).
