@@ -19,7 +19,7 @@
 //!
 //! Run with `cargo bench --bench overhead` (a few minutes). Environment:
 //! `OVERHEAD_QUICK=1` runs a short pass; `OVERHEAD_N=2,16,256,4096,65536` chooses the N of the
-//! strategy table (default 16 and 4096); `OVERHEAD_ONLY=strategies` (or `threads`, `clones`,
+//! strategy table (default 16 and 4096); `OVERHEAD_ONLY=strategies` (or `tables`, `threads`, `clones`,
 //! comma-separated) runs only those sections. Under `cargo test --benches` everything runs
 //! once, briefly, as a smoke test, and no table is printed.
 //!
@@ -239,6 +239,9 @@ fn main() {
         if measuring {
             strategies::print(&figures, rounds, per_round);
         }
+    }
+
+    if wanted("tables") {
         strategies::table_builds(if measuring { 5 } else { 1 });
     }
 

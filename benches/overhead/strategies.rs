@@ -115,7 +115,7 @@ fn weighted_endpoints(n: usize) -> impl Iterator<Item = (usize, Weighted<Noop>)>
 }
 
 /// A balancer with `strategy` over `n` endpoints weighing 1–4, keyed by the request.
-fn balancer<St: Strategy + Clone>(name: &'static str, strategy: St, n: usize) -> Contender {
+fn balanced<St: Strategy + Clone>(name: &'static str, strategy: St, n: usize) -> Contender {
     let balance = BalanceLayer::new(strategy)
         .weighted()
         .key(key_fn(|request: &u64| Some(request.to_le_bytes())))
@@ -128,40 +128,55 @@ fn balancer<St: Strategy + Clone>(name: &'static str, strategy: St, n: usize) ->
     Contender::new(name, balance, |b| b.stats().in_flight())
 }
 
-fn contenders(n: usize) -> Vec<Contender> {
+/// Whether `OVERHEAD_STRATEGIES` (say `ring,maglev`) asks for this contender; the direct call
+/// and the reference always run.
+fn wanted(name: &str) -> bool {
+    ["direct", "reference"].contains(&name)
+        || std::env::var("OVERHEAD_STRATEGIES").map_or(true, |only| {
+            only.split(',').any(|wanted| wanted.trim() == name)
+        })
+}
+
+/// Every contender, in the order of the table.
+const CONTENDERS: [&str; 16] = [
+    "direct",
+    "reference",
+    "(bare reference)",
+    "round-robin",
+    "weighted-rr",
+    "random",
+    "random-weighted",
+    "p2c",
+    "least-conn",
+    "least-conn-weighted",
+    "p2c-peak-ewma",
+    "ring",
+    "ring-nginx",
+    "maglev",
+    "tower-p2c-pending",
+    "tower-p2c-peak-ewma",
+];
+
+fn contender(name: &'static str, n: usize) -> Contender {
     let noops = || (0..n).map(|i| Noop { id: i as u64 }).collect();
-    let all = vec![
-        Contender::new("direct", Direct::new(n), |_| 0),
-        Contender::new(
-            "reference",
-            Reference::<Noop>::new(noops()),
-            Reference::in_flight,
-        ),
-        Contender::new("(bare reference)", Bare::leaked(noops()), Bare::in_flight),
-        balancer("round-robin", RoundRobin::new(), n),
-        balancer("weighted-rr", WeightedRoundRobin::new(), n),
-        balancer("random", Random::new(), n),
-        balancer("random-weighted", Random::weighted(), n),
-        balancer("p2c", PowerOfTwoChoices::new(), n),
-        balancer("least-conn", LeastConnections::new(), n),
-        balancer("least-conn-weighted", LeastConnections::weighted(), n),
-        balancer("p2c-peak-ewma", PowerOfTwoChoices::peak_ewma(), n),
-        balancer("ring", ConsistentHash::ring(), n),
-        balancer("ring-nginx", ConsistentHash::ring_nginx(), n),
-        balancer("maglev", ConsistentHash::maglev(), n),
-        Contender::new("tower-p2c-pending", p2c_pending(n), |_| 0),
-        Contender::new("tower-p2c-peak-ewma", p2c_peak_ewma(n), |_| 0),
-    ];
-    // `OVERHEAD_STRATEGIES=ring,maglev` keeps those (and the direct call and the reference).
-    match std::env::var("OVERHEAD_STRATEGIES") {
-        Ok(only) => all
-            .into_iter()
-            .filter(|c| {
-                ["direct", "reference"].contains(&c.name)
-                    || only.split(',').any(|name| name.trim() == c.name)
-            })
-            .collect(),
-        Err(_) => all,
+    match name {
+        "direct" => Contender::new(name, Direct::new(n), |_| 0),
+        "reference" => Contender::new(name, Reference::<Noop>::new(noops()), Reference::in_flight),
+        "(bare reference)" => Contender::new(name, Bare::leaked(noops()), Bare::in_flight),
+        "round-robin" => balanced(name, RoundRobin::new(), n),
+        "weighted-rr" => balanced(name, WeightedRoundRobin::new(), n),
+        "random" => balanced(name, Random::new(), n),
+        "random-weighted" => balanced(name, Random::weighted(), n),
+        "p2c" => balanced(name, PowerOfTwoChoices::new(), n),
+        "least-conn" => balanced(name, LeastConnections::new(), n),
+        "least-conn-weighted" => balanced(name, LeastConnections::weighted(), n),
+        "p2c-peak-ewma" => balanced(name, PowerOfTwoChoices::peak_ewma(), n),
+        "ring" => balanced(name, ConsistentHash::ring(), n),
+        "ring-nginx" => balanced(name, ConsistentHash::ring_nginx(), n),
+        "maglev" => balanced(name, ConsistentHash::maglev(), n),
+        "tower-p2c-pending" => Contender::new(name, p2c_pending(n), |_| 0),
+        "tower-p2c-peak-ewma" => Contender::new(name, p2c_peak_ewma(n), |_| 0),
+        _ => unreachable!("{name} is not a contender"),
     }
 }
 
@@ -181,7 +196,11 @@ pub(crate) fn measure(ns: &[usize], rounds: usize, per_round: u64) -> Vec<Figure
     let _entered = runtime.enter();
     let mut figures = Vec::new();
     for &n in ns {
-        let mut contenders = contenders(n);
+        let mut contenders: Vec<Contender> = CONTENDERS
+            .into_iter()
+            .filter(|name| wanted(name))
+            .map(|name| contender(name, n))
+            .collect();
         // Warm up: copies of services, per-clone state, caches, branch predictors.
         for contender in &mut contenders {
             contender.subject.run(0, per_round);

@@ -11,7 +11,8 @@ use tower_service::Service;
 
 use crate::classify::{is_caller_error, EndpointError};
 use crate::completion::{CompleteOnResponse, TrackCompletion};
-use crate::endpoint::{clock, InFlightGuard};
+use crate::endpoint::clock::Clock;
+use crate::endpoint::InFlightGuard;
 use crate::error::Error;
 
 pin_project! {
@@ -49,40 +50,59 @@ pin_project! {
     }
 }
 
-/// What a request measures from its dispatch: its latency, into the endpoint's PeakEWMA
-/// estimate, and how long it waited if it is abandoned. `None` (no clock read) when neither is
-/// asked for.
+/// What a balancer measures of its requests, if anything: latencies into the endpoints'
+/// PeakEWMA estimates (when the picker asks for them), and how long an abandoned request
+/// waited (when configured). Worked out once per table, so that an untimed request reads no
+/// clock and checks one flag.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Timing {
-    start: u64,
-    decay_ns: Option<f64>,
-    abandon_after_ns: Option<u64>,
+pub(crate) struct Timed {
+    clock: Clock,
+    /// The PeakEWMA decay in nanoseconds; 0 when latencies are not measured.
+    decay_ns: f64,
+    /// Waits from this one on count as the endpoint's failure; `u64::MAX` when not counted.
+    abandon_after_ns: u64,
 }
 
-impl Timing {
-    /// The clock reading a dispatch needs, if it needs one.
-    #[inline]
-    pub(crate) fn needed(decay_ns: Option<f64>, abandon_after_ns: Option<u64>) -> bool {
-        decay_ns.is_some() || abandon_after_ns.is_some()
-    }
-
-    #[inline]
+impl Timed {
+    /// What to measure, or `None` when neither is asked for.
     pub(crate) fn new(
-        start: u64,
+        clock: Clock,
         decay_ns: Option<f64>,
         abandon_after_ns: Option<u64>,
     ) -> Option<Self> {
-        Self::needed(decay_ns, abandon_after_ns).then_some(Self {
-            start,
-            decay_ns,
-            abandon_after_ns,
+        (decay_ns.is_some() || abandon_after_ns.is_some()).then_some(Self {
+            clock,
+            decay_ns: decay_ns.unwrap_or(0.0),
+            abandon_after_ns: abandon_after_ns.unwrap_or(u64::MAX),
         })
     }
 
+    /// The clock's time now.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// Starts timing a request dispatched at `start` (a reading of [`Timed::now`]).
+    #[inline]
+    pub(crate) fn start(self, start: u64) -> Timing {
+        Timing { start, timed: self }
+    }
+}
+
+/// What a request measures from its dispatch; see [`Timed`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    start: u64,
+    timed: Timed,
+}
+
+impl Timing {
     /// The response arrived (or failed): a latency sample.
     fn answered(&self, guard: &InFlightGuard) {
-        if let Some(decay) = self.decay_ns {
-            let now = clock::now_ns();
+        let decay = self.timed.decay_ns;
+        if decay > 0.0 {
+            let now = self.timed.now();
             guard.record_rtt(now.saturating_sub(self.start) as f64, now, decay);
         }
     }
@@ -91,12 +111,13 @@ impl Timing {
     /// peak, so an endpoint that hangs stops looking idle though none of its requests ever
     /// completes; and after a long enough wait it counts as the endpoint's failure.
     fn abandoned(&self, guard: &InFlightGuard) {
-        let now = clock::now_ns();
+        let now = self.timed.now();
         let waited = now.saturating_sub(self.start);
-        if let Some(decay) = self.decay_ns {
+        let decay = self.timed.decay_ns;
+        if decay > 0.0 {
             guard.record_rtt(waited as f64, now, decay);
         }
-        if self.abandon_after_ns.is_some_and(|after| waited >= after) {
+        if waited >= self.timed.abandon_after_ns {
             guard.record_failure();
         }
     }
@@ -118,6 +139,7 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
+    #[inline]
     pub(crate) fn called(
         future: S::Future,
         guard: InFlightGuard,
@@ -164,6 +186,7 @@ where
 {
     type Output = Result<C::Output, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = match this.state.project() {

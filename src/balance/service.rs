@@ -181,6 +181,7 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S, Req, C>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         const {
             assert!(
@@ -216,6 +217,7 @@ where
         }
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         self.local.call(request, &self.shared, &self.completion)
     }
@@ -242,6 +244,7 @@ where
                 clone_state(&self.shared.front),
                 version,
                 snapshot,
+                self.shared.front.clock,
                 self.shared.front.abandon_after_ns,
             ),
             completion: self.completion.clone(),

@@ -3,17 +3,87 @@
 use super::EndpointState;
 use crate::util::sync::{AtomicU64, Ordering};
 
-/// The balancer's clock: tokio's, so that latency estimates follow a paused test clock.
+/// The clocks requests are timed with.
+///
+/// A balancer times its requests (PeakEWMA latencies, abandoned requests) with a [`Clock`]
+/// chosen when it is built: the CPU's time-stamp counter through `quanta` — a few
+/// nanoseconds a read, where the operating system's monotonic clock costs tens — unless tokio's
+/// clock is paused then (`#[tokio::test(start_paused = true)]`, a simulation), in which case it
+/// follows tokio's clock, so that latencies in tests are the virtual ones. [`now_ns`] is tokio's
+/// clock, for what is timed off the request path.
 pub(crate) mod clock {
     use std::sync::OnceLock;
     use tokio::time::Instant;
 
     static EPOCH: OnceLock<Instant> = OnceLock::new();
 
-    /// Nanoseconds since a process-wide epoch. One clock read.
+    /// Nanoseconds since a process-wide epoch on tokio's clock (which follows a paused test
+    /// clock). One clock read.
     pub(crate) fn now_ns() -> u64 {
         let epoch = *EPOCH.get_or_init(Instant::now);
         Instant::now().saturating_duration_since(epoch).as_nanos() as u64
+    }
+
+    /// The time-stamp counter, calibrated once per process (under a millisecond usually, at
+    /// most 200 ms), and where its nanoseconds start.
+    struct Counter {
+        clock: quanta::Clock,
+        origin: u64,
+    }
+
+    static COUNTER: OnceLock<Counter> = OnceLock::new();
+
+    fn counter() -> &'static Counter {
+        COUNTER.get_or_init(|| {
+            let clock = quanta::Clock::new();
+            let origin = clock.raw();
+            Counter { clock, origin }
+        })
+    }
+
+    /// Nanoseconds since the counter's origin.
+    #[inline]
+    fn counter_ns() -> u64 {
+        let counter = counter();
+        counter
+            .clock
+            .delta_as_nanos(counter.origin, counter.clock.raw())
+    }
+
+    /// A balancer's clock: see the [module docs](self).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Clock {
+        /// The time-stamp counter.
+        Counter,
+        /// tokio's clock, for balancers built while it was paused.
+        Tokio,
+    }
+
+    impl Clock {
+        /// The clock for a balancer built now: tokio's if the current runtime's clock is
+        /// paused, else the counter (calibrated here, so that no request pays for it).
+        ///
+        /// A paused clock does not move between two reads; a running one moves by the time
+        /// a read takes, which the monotonic clock resolves. (Should it not, the balancer
+        /// follows tokio's clock, which is right either way, only slower.)
+        pub(crate) fn detect() -> Self {
+            let (first, second) = (Instant::now(), Instant::now());
+            if first == second {
+                Clock::Tokio
+            } else {
+                counter();
+                Clock::Counter
+            }
+        }
+
+        /// Nanoseconds on this clock. One clock read.
+        #[inline]
+        pub(crate) fn now_ns(self) -> u64 {
+            match self {
+                Clock::Counter => counter_ns(),
+                Clock::Tokio => now_ns(),
+            }
+        }
     }
 }
 
