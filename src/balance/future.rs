@@ -192,13 +192,10 @@ where
         let result = match this.state.project() {
             StateProj::Called { future } => ready!(future.poll(cx)),
             StateProj::Readying { oneshot } => ready!(oneshot.poll(cx)),
-            StateProj::Failed { error } => {
-                let error = error.take().unwrap_or(Error::NotReady);
-                return Poll::Ready(Err(error.into()));
-            }
+            StateProj::Failed { error } => return Poll::Ready(Err(failed(error))),
         };
         let Some(guard) = this.guard.take() else {
-            return Poll::Ready(Err("response future polled after completion".into()));
+            return Poll::Ready(Err(polled_again()));
         };
         if let Some(timing) = this.timing {
             timing.answered(&guard);
@@ -209,15 +206,32 @@ where
             Ok(response) => Ok(this.completion.track(guard, response)),
             // Dropping the guard releases the endpoint now, not when the caller drops the
             // finished future.
-            Err(error) => {
-                let error: BoxError = error.into();
-                if !is_caller_error(&*error) {
-                    guard.record_failure();
-                }
-                Err(EndpointError::new(guard.endpoint(), error).into())
-            }
+            Err(error) => Err(endpoint_failed(guard, error.into())),
         })
     }
+}
+
+/// The balancer could not dispatch the request: why.
+#[cold]
+#[inline(never)]
+fn failed(error: &mut Option<Error>) -> BoxError {
+    error.take().unwrap_or(Error::NotReady).into()
+}
+
+#[cold]
+#[inline(never)]
+fn polled_again() -> BoxError {
+    "response future polled after completion".into()
+}
+
+/// The endpoint's call failed: counted against it unless the caller caused it, and named.
+#[cold]
+#[inline(never)]
+fn endpoint_failed(guard: InFlightGuard, error: BoxError) -> BoxError {
+    if !is_caller_error(&*error) {
+        guard.record_failure();
+    }
+    EndpointError::new(guard.endpoint(), error).into()
 }
 
 impl<S: Service<Req>, Req, C> std::fmt::Debug for ResponseFuture<S, Req, C> {

@@ -71,7 +71,7 @@ where
         key,
         wait_for_endpoints: config.wait_for_endpoints,
         abandon_after_ns: config.abandon_after.map(|d| d.as_nanos() as u64),
-        clock: Clock::detect(),
+        clock: Clock::detect(decay.is_some() || config.abandon_after.is_some()),
         clones: CachePadded(AtomicU64::new(0)),
         rotation_base,
         seed_base,

@@ -210,7 +210,9 @@ where
         match usable {
             Some(reserved) => {
                 self.local.reserved = reserved;
-                self.local.wait = None;
+                if self.local.wait.is_some() {
+                    self.local.wait = None;
+                }
                 Poll::Ready(Ok(()))
             }
             None => self.poll_no_endpoints(self.local.version, cx),

@@ -61,17 +61,20 @@ pub(crate) mod clock {
 
     impl Clock {
         /// The clock for a balancer built now: tokio's if the current runtime's clock is
-        /// paused, else the counter (calibrated here, so that no request pays for it).
+        /// paused, else the counter. `timed` says whether the balancer's requests are timed
+        /// from the start; the counter is then calibrated now, so that no request pays for it.
         ///
         /// A paused clock does not move between two reads; a running one moves by the time
         /// a read takes, which the monotonic clock resolves. (Should it not, the balancer
         /// follows tokio's clock, which is right either way, only slower.)
-        pub(crate) fn detect() -> Self {
+        pub(crate) fn detect(timed: bool) -> Self {
             let (first, second) = (Instant::now(), Instant::now());
             if first == second {
                 Clock::Tokio
             } else {
-                counter();
+                if timed {
+                    counter();
+                }
                 Clock::Counter
             }
         }
@@ -109,10 +112,10 @@ impl Estimate {
         if estimate == 0.0 {
             return None;
         }
-        let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed)) as f64;
+        let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
         // Without samples the estimate decays toward zero, so an endpoint that stopped
         // getting traffic because it looked slow is tried again eventually.
-        Some(estimate * (-elapsed / decay_ns).exp())
+        Some(estimate * kept(elapsed, decay_ns))
     }
 
     /// Folds a latency sample in: a sample above the estimate replaces it (the peak), one
@@ -124,8 +127,8 @@ impl Estimate {
         let next = if estimate == 0.0 || sample_ns > estimate {
             sample_ns
         } else {
-            let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed)) as f64;
-            let keep = (-elapsed / decay_ns).exp();
+            let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
+            let keep = kept(elapsed, decay_ns);
             estimate * keep + sample_ns * (1.0 - keep)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -133,10 +136,66 @@ impl Estimate {
     }
 }
 
+/// Below this, `e^x` is its Taylor series up to `x⁴`: the next term, under `2⁻⁵⁰ / 120`, is
+/// far below the last bit of the result.
+const SERIES_BELOW: f64 = 1.0 / 1024.0;
+
+/// `exp(-elapsed / decay_ns)`: the share of an estimate left after `elapsed` nanoseconds.
+///
+/// Requests come micro- or milliseconds apart and estimates decay over seconds, so the
+/// exponent is nearly always tiny; there a short series gives the same value as `exp` (to
+/// its rounding) at a fraction of the cost. Larger exponents, an endpoint idle for a while,
+/// take `exp`.
+#[inline]
+fn kept(elapsed: u64, decay_ns: f64) -> f64 {
+    if elapsed == 0 {
+        return 1.0;
+    }
+    let x = -(elapsed as f64) / decay_ns;
+    if x > -SERIES_BELOW {
+        1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
+    } else {
+        x.exp()
+    }
+}
+
 impl EndpointState {
     /// The PeakEWMA latency estimate (nanoseconds) decayed to `now`, or `None` before the
     /// first sample.
+    #[inline]
     pub(crate) fn rtt_estimate(&self, now: u64, decay_ns: f64) -> Option<f64> {
         self.rtt.get(now, decay_ns)
+    }
+}
+
+#[cfg(all(test, not(tower_lb_loom)))]
+mod tests {
+    use super::*;
+
+    /// The series and `exp` agree to within a few units of the last bit where the series is
+    /// used, and `exp` is used beyond.
+    #[test]
+    fn kept_is_exp() {
+        let decay = 10e9;
+        for elapsed in [
+            1,
+            7,
+            1_000,
+            123_456,
+            1_000_000,
+            9_000_000,
+            9_765_625,
+            10_000_000,
+            5e9 as u64,
+            1e12 as u64,
+        ] {
+            let exact = (-(elapsed as f64) / decay).exp();
+            let fast = kept(elapsed, decay);
+            assert!(
+                (fast - exact).abs() <= 4.0 * f64::EPSILON * exact,
+                "{elapsed}: {fast} vs {exact}"
+            );
+        }
+        assert_eq!(kept(0, decay), 1.0);
     }
 }

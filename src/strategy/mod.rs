@@ -345,14 +345,18 @@ impl Endpoint<'_> {
     /// The endpoint's PeakEWMA latency estimate in nanoseconds at time `now` (see
     /// [`PickContext::now`]), decaying with `decay`; `None` before its first measured response.
     /// Only measured for pickers that ask for it ([`Picker::latency_decay`]).
+    #[inline]
     pub fn latency_estimate(&self, now: u64, decay: std::time::Duration) -> Option<f64> {
         self.state.rtt_estimate(now, decay_ns(decay))
     }
 }
 
-/// A decay time in nanoseconds, at least 1 so that estimates never divide by zero.
+/// A decay time in nanoseconds, at least 1 so that estimates never divide by zero. Seconds and
+/// nanoseconds apart, which spares a 128-bit conversion per pick and is exact up to 2⁵³ ns
+/// (104 days), as `as_nanos() as f64` is.
+#[inline]
 pub(crate) fn decay_ns(decay: std::time::Duration) -> f64 {
-    (decay.as_nanos() as f64).max(1.0)
+    (decay.as_secs() as f64 * 1e9 + f64::from(decay.subsec_nanos())).max(1.0)
 }
 
 impl fmt::Debug for Endpoint<'_> {
