@@ -284,7 +284,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     }
 
     /// Sends a keyed request where its key maps.
-    #[inline(never)]
+    #[inline(always)]
     fn call_keyed<K, Kx, C, Req>(
         &mut self,
         request: Req,
@@ -359,6 +359,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     /// of its service: called at once if it is ready; else readied by the response future,
     /// unless `ready_now` asks for an endpoint that is ready at once. The request comes back
     /// if the endpoint is unavailable (or not ready, with `ready_now`).
+    #[inline(always)]
     fn dispatch<Req, C: Clone>(
         &mut self,
         index: usize,
@@ -469,6 +470,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     }
 
     /// Asks the picker for one choice, with the request's key hash for keyed pickers.
+    #[inline(always)]
     fn pick(&mut self, key_hash: Option<u64>) -> Option<usize> {
         let snapshot = self.snapshot.as_deref()?;
         let endpoints = Endpoints::new(&snapshot.endpoints);
