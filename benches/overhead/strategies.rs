@@ -16,7 +16,7 @@ use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use tower::{Layer, Service};
-use tower_lb::key::key_fn;
+use tower_lb::key::{key_fn, KeyHasher};
 use tower_lb::strategy::{
     ConsistentHash, LeastConnections, PowerOfTwoChoices, Random, RoundRobin, Strategy,
     WeightedRoundRobin,
@@ -107,6 +107,28 @@ impl Contender {
     }
 }
 
+/// The direct call, after hashing the request's key as the keyed strategies' balancers do
+/// (the stable hash of its 8 bytes): what the hash alone costs.
+struct Hashed(Direct);
+
+impl Service<u64> for Hashed {
+    type Response = u64;
+    type Error = std::convert::Infallible;
+    type Future = <Direct as Service<u64>>::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: u64) -> Self::Future {
+        let mut hasher = KeyHasher::stable(0);
+        hasher.write(&request.to_le_bytes());
+        self.0.call(black_box(hasher.finish()))
+    }
+}
+
 fn weighted_endpoints(n: usize) -> impl Iterator<Item = (usize, Weighted<Noop>)> {
     (0..n).map(|i| {
         let weight = Weight::new(1 + (i % 4) as u32).expect("1..=4 are weights");
@@ -138,10 +160,11 @@ fn wanted(name: &str) -> bool {
 }
 
 /// Every contender, in the order of the table.
-const CONTENDERS: [&str; 16] = [
+const CONTENDERS: [&str; 17] = [
     "direct",
     "reference",
     "(bare reference)",
+    "(direct + key hash)",
     "round-robin",
     "weighted-rr",
     "random",
@@ -163,6 +186,7 @@ fn contender(name: &'static str, n: usize) -> Contender {
         "direct" => Contender::new(name, Direct::new(n), |_| 0),
         "reference" => Contender::new(name, Reference::<Noop>::new(noops()), Reference::in_flight),
         "(bare reference)" => Contender::new(name, Bare::leaked(noops()), Bare::in_flight),
+        "(direct + key hash)" => Contender::new(name, Hashed(Direct::new(n)), |_| 0),
         "round-robin" => balanced(name, RoundRobin::new(), n),
         "weighted-rr" => balanced(name, WeightedRoundRobin::new(), n),
         "random" => balanced(name, Random::new(), n),

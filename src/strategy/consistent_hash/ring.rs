@@ -140,6 +140,7 @@ impl Ring {
     }
 
     /// The number of points.
+    #[inline]
     pub(super) fn len(&self) -> usize {
         match &self.points {
             Stored::Plain(points) => points.len(),
