@@ -1,9 +1,11 @@
 //! Ties are fair: equal endpoints get equal shares under least connections, weighted or not,
+//! and under least time (the recommended default),
 //! however the balancer is cloned — one long-lived service, a fresh clone per request (as
 //! axum, hyper and tonic use a service), or a few long-lived clones taking turns.
 //!
 //! The backends are simulated in virtual time, event by event: open-loop Poisson arrivals,
-//! each backend a FIFO queue in front of its workers. 100,000 requests per run.
+//! each backend a FIFO queue in front of its workers, on tokio's paused clock. 100,000
+//! requests per run.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -11,11 +13,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::channel::oneshot;
 use futures::FutureExt;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::strategy::{LeastConnections, Strategy};
+use tower_lb::strategy::{BoxStrategy, LeastConnections, LeastTime, Strategy};
 use tower_lb::{discover, Balance, BalanceLayer};
 
 const REQUESTS: usize = 100_000;
@@ -122,6 +125,9 @@ where
     let mut open: HashMap<usize, (oneshot::Sender<()>, Pin<Box<Response>>)> = HashMap::new();
     let mut received = vec![0u64; scenario.backends];
     let mut now_ms = 0.0;
+    // tokio's paused clock follows the simulation, so that latencies are virtual too.
+    let mut clock_us = 0u64;
+    let start = tokio::time::Instant::now();
     let answer = |open: &mut HashMap<usize, (oneshot::Sender<()>, Pin<Box<Response>>)>,
                   request: usize| {
         let (sender, mut response) = open.remove(&request).unwrap();
@@ -138,8 +144,10 @@ where
                 break;
             }
             due.pop();
+            clock_us = advance(start, clock_us, at).await;
             answer(&mut open, done);
         }
+        clock_us = advance(start, clock_us, now_us).await;
         let response = match clones {
             Clones::LongLived => balance.ready().await.unwrap().call(()),
             Clones::PerRequest => balance.clone().ready().await.unwrap().call(()),
@@ -164,12 +172,22 @@ where
         due.push(Reverse(((done * 1e3) as u64, request)));
         open.insert(request, (sender, Box::pin(response)));
     }
-    while let Some(Reverse((_, done))) = due.pop() {
+    while let Some(Reverse((at, done))) = due.pop() {
+        clock_us = advance(start, clock_us, at).await;
         answer(&mut open, done);
     }
     assert_eq!(balance.stats().in_flight(), 0);
     assert_eq!(received.iter().sum::<u64>(), REQUESTS as u64);
     received
+}
+
+/// Moves tokio's paused clock from `from` to `to` (µs since `start`); returns `to`.
+async fn advance(start: tokio::time::Instant, from: u64, to: u64) -> u64 {
+    if to > from {
+        tokio::time::advance(Duration::from_micros(to - from)).await;
+    }
+    debug_assert!(start.elapsed() >= Duration::from_micros(to));
+    to.max(from)
 }
 
 /// Every backend's share is within 3% (relative) of the mean share.
@@ -180,7 +198,7 @@ fn assert_fair(what: &str, received: &[u64]) {
         .map(|&r| (r as f64 / mean - 1.0).abs())
         .fold(0.0, f64::max);
     eprintln!(
-        "{what}: farthest from the mean share by {:.2}%",
+        "{what}: farthest from the mean share by {:.2}%: {received:?}",
         worst * 100.0
     );
     assert!(
@@ -194,14 +212,22 @@ fn assert_fair(what: &str, received: &[u64]) {
     );
 }
 
-fn strategies() -> [(&'static str, LeastConnections); 2] {
+/// The strategies under test, boxed so that one loop runs them all.
+fn strategies() -> [(&'static str, BoxStrategy); 3] {
     [
-        ("LeastConnections::new()", LeastConnections::new()),
-        ("LeastConnections::weighted()", LeastConnections::weighted()),
+        (
+            "LeastConnections::new()",
+            BoxStrategy::new(LeastConnections::new()),
+        ),
+        (
+            "LeastConnections::weighted()",
+            BoxStrategy::new(LeastConnections::weighted()),
+        ),
+        ("LeastTime::new()", BoxStrategy::new(LeastTime::new())),
     ]
 }
 
-#[tokio::test(flavor = "current_thread")]
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn five_equal_backends_at_70_percent_share_evenly() {
     // Four workers each, exponential service: per backend 20,000 requests, whose count varies
     // by about 0.7% by chance.
@@ -219,7 +245,7 @@ async fn five_equal_backends_at_70_percent_share_evenly() {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_hundred_equal_backends_at_90_percent_share_evenly() {
     // One worker each. Every request takes the same time, so that each backend's count
     // (1,000) is set by the balancer alone: with exponential service times it would vary by

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::strategy::{LeastConnections, PowerOfTwoChoices, Random, Strategy};
+use tower_lb::strategy::{LeastConnections, LeastTime, PowerOfTwoChoices, Random, Strategy};
 use tower_lb::{
     discover,
     weight::{Weight, Weighted},
@@ -51,6 +51,7 @@ impl Service<()> for Backend {
 /// Every weighted strategy, by name.
 fn weighted_strategies() -> Vec<(&'static str, Box<dyn Run>)> {
     vec![
+        ("LeastTime::new()", Box::new(LeastTime::new())),
         (
             "PowerOfTwoChoices::peak_ewma()",
             Box::new(PowerOfTwoChoices::peak_ewma()),

@@ -136,6 +136,14 @@ pub struct LeastConnections {
     weighted: bool,
     error_penalty: u32,
     error_window: Duration,
+    latency: Option<Latency>,
+}
+
+/// How a latency-aware pick weighs latency.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Latency {
+    decay: Duration,
+    resolution: Duration,
 }
 
 impl Default for LeastConnections {
@@ -154,7 +162,20 @@ impl LeastConnections {
             weighted: false,
             error_penalty: 1,
             error_window: Self::DEFAULT_ERROR_WINDOW,
+            latency: None,
         }
+    }
+
+    /// Latency-aware picks ([`LeastTime`](super::LeastTime)): a candidate is passed over when
+    /// a random other endpoint expects a clearly lower cost.
+    pub(crate) fn latency_aware(mut self, decay: Duration, resolution: Duration) -> Self {
+        self.latency = Some(Latency { decay, resolution });
+        self
+    }
+
+    /// The latency settings, for [`LeastTime`](super::LeastTime)'s setters.
+    pub(crate) fn latency_settings(&self) -> Option<(Duration, Duration)> {
+        self.latency.map(|l| (l.decay, l.resolution))
     }
 
     /// Lowest `(in_flight + 1) / weight`: endpoints share requests in proportion to their
@@ -210,6 +231,8 @@ pub struct LeastConnectionsPicker {
     /// With several distinct weights, draws in proportion to weight, to break ties so that
     /// shares follow the weights.
     alias: Option<AliasTable>,
+    /// Latency-aware picks: the decay of the estimates, and the resolution in nanoseconds.
+    latency: Option<(Duration, f64, f64)>,
     penalty: u64,
     window_ns: u64,
     /// Per endpoint: the failure count a pick last noticed, and when.
@@ -297,9 +320,30 @@ impl Strategy for LeastConnections {
             let all: Vec<u32> = endpoints.iter().map(|e| e.weight().max(1)).collect();
             AliasTable::new(&all)
         });
+        let w_min = weights.first().copied().unwrap_or(1).max(1);
+        if self.latency.is_some() {
+            // Each endpoint's estimate is that of one copy of the lightest endpoint.
+            for i in 0..n {
+                let w = if self.weighted {
+                    endpoints.state(i).weight().max(1)
+                } else {
+                    w_min
+                };
+                endpoints
+                    .state(i)
+                    .set_latency_share(f64::from(w_min) / f64::from(w));
+            }
+        }
         LeastConnectionsPicker {
             weighted: self.weighted,
-            w_min: u64::from(weights.first().copied().unwrap_or(1).max(1)),
+            w_min: u64::from(w_min),
+            latency: self.latency.map(|l| {
+                (
+                    l.decay,
+                    crate::strategy::decay_ns(l.decay),
+                    l.resolution.as_nanos() as f64,
+                )
+            }),
             alias,
             penalty: u64::from(self.error_penalty),
             window_ns: self.error_window.as_nanos() as u64,
@@ -482,6 +526,25 @@ fn below(random: u64, n: u64) -> u64 {
     ((u128::from(random) * u128::from(n)) >> 64) as u64
 }
 
+/// A candidate's expected cost must be below this fraction of the reference's to count as
+/// lower: latency estimates are noisy.
+const LATENCY_MARGIN: f64 = 0.7;
+
+/// Candidates a latency-aware pick may pass over before it takes the next one regardless.
+const MAX_PASSES: u32 = 8;
+
+/// The state of a latency-aware pick: each candidate the search finds is held against one
+/// other endpoint drawn at random, and passed over if that one's expected cost (latency
+/// estimate × (load per copy + 1)) is clearly lower.
+struct Veto {
+    /// The endpoint that passed over the last candidate, for when every candidate is.
+    reference: Option<usize>,
+    now: u64,
+    decay_ns: f64,
+    resolution_ns: f64,
+    passes_left: u32,
+}
+
 /// `cursor` reduced to `0..n` (`n` > 0). After a clone's first pick its cursor is at most `n`,
 /// so the division is only paid by new clones.
 #[inline]
@@ -536,6 +599,72 @@ impl LeastConnectionsPicker {
         }
     }
 
+    /// For a latency-aware pick, its state.
+    #[inline]
+    fn veto(&self, cx: &PickContext<'_>) -> Option<Veto> {
+        let (_, decay_ns, resolution_ns) = self.latency?;
+        Some(Veto {
+            reference: None,
+            now: cx.now(),
+            decay_ns,
+            resolution_ns,
+            passes_left: MAX_PASSES,
+        })
+    }
+
+    /// Whether a latency-aware pick passes over candidate `i` with `load` requests per copy:
+    /// when another endpoint, drawn at random, expects a clearly lower cost.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn rejects(
+        &self,
+        veto: &mut Option<Veto>,
+        endpoints: &Endpoints<'_>,
+        i: usize,
+        endpoint: &EndpointState,
+        load: u64,
+        cx: &mut PickContext<'_>,
+        now: &mut Option<u64>,
+    ) -> bool {
+        let Some(v) = veto.as_mut() else {
+            return false;
+        };
+        let n = endpoints.len();
+        if v.passes_left == 0 || n < 2 {
+            return false;
+        }
+        let Some(estimate) = endpoint.rtt_estimate(v.now, v.decay_ns) else {
+            // Not measured yet: judged by its load alone.
+            return false;
+        };
+        let cost = estimate.max(v.resolution_ns) * (load as f64 + 1.0);
+        let other = match &self.alias {
+            Some(alias) if alias.len() == n => Some(alias.draw(cx.random())).filter(|&o| o != i),
+            _ => None,
+        }
+        .unwrap_or_else(|| {
+            let (other, _) = crate::util::rng::split(cx.random(), n - 1);
+            other + usize::from(other >= i)
+        });
+        let state = endpoints.state(other);
+        // A failing endpoint answers fast; that is no reason to pass over a working one.
+        if state.consecutive_failures() > 0 {
+            return false;
+        }
+        let Some(other_estimate) = state.rtt_estimate(v.now, v.decay_ns) else {
+            return false;
+        };
+        let other_load = self.load_of(other, state, now);
+        let other_cost = other_estimate.max(v.resolution_ns) * (other_load as f64 + 1.0);
+        if other_cost < cost * LATENCY_MARGIN {
+            v.passes_left -= 1;
+            v.reference = Some(other);
+            true
+        } else {
+            false
+        }
+    }
+
     /// The weight an endpoint counts with: its own when weighted, else 1.
     #[inline]
     fn weight_of(&self, endpoint: &EndpointState) -> u64 {
@@ -575,27 +704,34 @@ impl LeastConnectionsPicker {
         endpoints: &Endpoints<'_>,
         cx: &mut PickContext<'_>,
         now: &mut Option<u64>,
+        veto: &mut Option<Veto>,
     ) -> usize {
         let n = endpoints.len();
         let start = rank_of(*cx.cursor(), n);
+        let fallback = veto.as_ref().and_then(|v| v.reference).unwrap_or(start);
         if self.alias.is_some() {
             let mut best = Best::default();
             for i in 0..n {
                 let endpoint = endpoints.state(i);
                 let load = self.load_of(i, endpoint, now);
-                best.offer(load, self.weight_of(endpoint), i, None, cx);
+                if !self.rejects(veto, endpoints, i, endpoint, load, cx, now) {
+                    best.offer(load, self.weight_of(endpoint), i, None, cx);
+                }
             }
-            return best.found.map_or(start, |(_, i)| i);
+            return best.found.map_or(fallback, |(_, i)| i);
         }
         // (load per copy, index)
         let mut best: Option<(u64, usize)> = None;
         for i in (start..n).chain(0..start) {
-            let load = self.load_of(i, endpoints.state(i), now);
-            if best.is_none_or(|(lowest, _)| load < lowest) {
+            let endpoint = endpoints.state(i);
+            let load = self.load_of(i, endpoint, now);
+            if best.is_none_or(|(lowest, _)| load < lowest)
+                && !self.rejects(veto, endpoints, i, endpoint, load, cx, now)
+            {
                 best = Some((load, i));
             }
         }
-        let chosen = best.map_or(start, |(_, i)| i);
+        let chosen = best.map_or(fallback, |(_, i)| i);
         *cx.cursor() = chosen as u64 + 1;
         chosen
     }
@@ -606,11 +742,12 @@ impl LeastConnectionsPicker {
         endpoints: &Endpoints<'_>,
         cx: &mut PickContext<'_>,
         now: &mut Option<u64>,
+        veto: &mut Option<Veto>,
     ) -> usize {
         let cursor = *cx.cursor();
         let mut best = Best::default();
         if indexed.pending_left.load(Ordering::Relaxed) != 0 {
-            self.offer_pending(indexed, endpoints, &mut best, cx, now);
+            self.offer_pending(indexed, endpoints, &mut best, cx, now, veto);
         }
         // The lowest load per copy that endpoints the indexes could not rank (64+ in flight)
         // may have, if there are any.
@@ -641,13 +778,38 @@ impl LeastConnectionsPicker {
                             return Verdict::Clear;
                         }
                         match self.penalty_of(*i as usize, endpoint, now) {
-                            0 => Verdict::Take,
+                            0 => {
+                                let load = self.per_copy(level as u64, class.weight);
+                                if self.rejects(
+                                    veto,
+                                    endpoints,
+                                    *i as usize,
+                                    endpoint,
+                                    load,
+                                    cx,
+                                    now,
+                                ) {
+                                    Verdict::Pass
+                                } else {
+                                    Verdict::Take
+                                }
+                            }
                             // Penalised: its load is above this level. Every penalised endpoint
                             // of the class that could beat the lowest unpenalised one sits at a
                             // lower level, so the search meets it on the way.
                             penalty => {
                                 let load = self.per_copy(level as u64 + penalty, class.weight);
-                                best.offer(load, class.weight, *i as usize, None, cx);
+                                if !self.rejects(
+                                    veto,
+                                    endpoints,
+                                    *i as usize,
+                                    endpoint,
+                                    load,
+                                    cx,
+                                    now,
+                                ) {
+                                    best.offer(load, class.weight, *i as usize, None, cx);
+                                }
                                 Verdict::Pass
                             }
                         }
@@ -671,10 +833,10 @@ impl LeastConnectionsPicker {
         match best.found {
             // An endpoint beyond the indexes may be as lightly loaded.
             Some((load, _)) if unranked.is_some_and(|floor| load >= floor) => {
-                self.pick_by_scan(endpoints, cx, now)
+                self.pick_by_scan(endpoints, cx, now, veto)
             }
             Some((load, i)) => {
-                if let Some(drawn) = self.draw_tied(load, endpoints, cx, now) {
+                if let Some(drawn) = self.draw_tied(load, endpoints, cx, now, veto) {
                     return drawn;
                 }
                 if let Some((_, rank)) = best.at {
@@ -682,7 +844,11 @@ impl LeastConnectionsPicker {
                 }
                 i
             }
-            None => self.pick_by_scan(endpoints, cx, now),
+            // Every candidate was passed over for the reference.
+            None if unranked.is_none() && veto.as_ref().is_some_and(|v| v.reference.is_some()) => {
+                veto.as_ref().and_then(|v| v.reference).unwrap_or(0)
+            }
+            None => self.pick_by_scan(endpoints, cx, now, veto),
         }
     }
 
@@ -696,6 +862,7 @@ impl LeastConnectionsPicker {
         endpoints: &Endpoints<'_>,
         cx: &mut PickContext<'_>,
         now: &mut Option<u64>,
+        veto: &mut Option<Veto>,
     ) -> Option<usize> {
         let alias = self.alias.as_ref()?;
         if alias.len() != endpoints.len() {
@@ -703,7 +870,10 @@ impl LeastConnectionsPicker {
         }
         (0..TIE_DRAWS).find_map(|_| {
             let i = alias.draw(cx.random());
-            (self.load_of(i, endpoints.state(i), now) == lowest).then_some(i)
+            let endpoint = endpoints.state(i);
+            let load = self.load_of(i, endpoint, now);
+            (load == lowest && !self.rejects(veto, endpoints, i, endpoint, load, cx, now))
+                .then_some(i)
         })
     }
 }
@@ -723,6 +893,7 @@ impl LeastConnectionsPicker {
         best: &mut Best,
         cx: &mut PickContext<'_>,
         now: &mut Option<u64>,
+        veto: &mut Option<Veto>,
     ) {
         for &i in indexed.pending.iter() {
             let state = endpoints.state(i as usize);
@@ -748,7 +919,9 @@ impl LeastConnectionsPicker {
                 }
             }
             let load = self.load_of(i as usize, state, now);
-            best.offer(load, self.weight_of(state), i as usize, None, cx);
+            if !self.rejects(veto, endpoints, i as usize, state, load, cx, now) {
+                best.offer(load, self.weight_of(state), i as usize, None, cx);
+            }
         }
     }
 }
@@ -756,14 +929,19 @@ impl LeastConnectionsPicker {
 impl Picker for LeastConnectionsPicker {
     type Local = ();
 
+    fn latency_decay(&self) -> Option<Duration> {
+        self.latency.map(|(decay, _, _)| decay)
+    }
+
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         if endpoints.is_empty() {
             return None;
         }
         let mut now = None;
+        let mut veto = self.veto(cx);
         Some(match &self.indexed {
-            Some(indexed) => self.pick_indexed(indexed, endpoints, cx, &mut now),
-            None => self.pick_by_scan(endpoints, cx, &mut now),
+            Some(indexed) => self.pick_indexed(indexed, endpoints, cx, &mut now, &mut veto),
+            None => self.pick_by_scan(endpoints, cx, &mut now, &mut veto),
         })
     }
 }
