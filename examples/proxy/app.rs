@@ -56,6 +56,9 @@ pub(crate) struct Config {
     pub(crate) server: ServerSettings,
     /// The longest pause in a client's request body (408 or the connection closed after it).
     pub(crate) body_timeout: Duration,
+    /// A WebSocket (or other upgraded) tunnel through which nothing passed for this long is
+    /// closed.
+    pub(crate) tunnel_idle_timeout: Duration,
     /// The backend side: timeouts and the connection pool.
     pub(crate) upstream: UpstreamSettings,
 }
@@ -84,6 +87,9 @@ pub(crate) mod defaults {
     pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
     /// nginx's `client_body_timeout`.
     pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Longer than nginx's 60 s `proxy_read_timeout`, which closes quiet WebSockets that
+    /// ping less often than once a minute.
+    pub(crate) const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
     /// nginx's `large_client_header_buffers` (4 × 8 KiB).
     pub(crate) const MAX_HEADER_SIZE: usize = 32 * 1024;
     /// Kubernetes' default grace period is 30 s; stop a little before it kills the process.
@@ -136,6 +142,7 @@ impl Config {
                 shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             },
             body_timeout: defaults::BODY_TIMEOUT,
+            tunnel_idle_timeout: defaults::TUNNEL_IDLE_TIMEOUT,
             upstream: UpstreamSettings {
                 connect_timeout: defaults::CONNECT_TIMEOUT,
                 timeout: defaults::UPSTREAM_TIMEOUT,
@@ -338,19 +345,6 @@ impl HashOn {
     }
 }
 
-impl HashOn {
-    /// Believes forwarding headers from `trusted` peers when hashing by client IP.
-    fn trusting(&self, trusted: &[IpNet]) -> Result<Self, ConfigError> {
-        match self {
-            HashOn::ClientIp(_) if !trusted.is_empty() => {
-                let networks = trusted.iter().map(|net| net.to_string());
-                Ok(HashOn::ClientIp(ClientIp::new().trust_proxies(networks)?))
-            }
-            other => Ok(other.clone()),
-        }
-    }
-}
-
 impl<B> RequestKey<axum::http::Request<B>> for HashOn {
     fn hash_key(&self, request: &axum::http::Request<B>, hasher: &mut KeyHasher) -> bool {
         if request.extensions().get::<Retrying>().is_some() {
@@ -445,7 +439,8 @@ fn build_balancer(
     };
 
     let balance = BalanceLayer::new(config.strategy.strategy())
-        .key(config.strategy.hash_on.trusting(&config.trusted_proxies)?)
+        // Hashing by client IP reads the client the handler resolved (through trusted proxies).
+        .key(config.strategy.hash_on.clone())
         .weigh_with(weigh)
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
@@ -491,10 +486,13 @@ pub(crate) fn build_app(config: &Config) -> Result<App, ConfigError> {
         backends: config.backends.iter().map(|b| b.addr).collect(),
         strategy: config.strategy.name().into(),
     };
+    let trusted = config.trusted_proxies.iter().map(|net| net.to_string());
     let forwarder = Forwarder {
         balancer: SharedBalancer(Mutex::new(balance)),
         trusted: config.trusted_proxies.clone().into(),
+        client_ip: ClientIp::new().trust_proxies(trusted)?,
         body_timeout: config.body_timeout,
+        tunnel_idle_timeout: config.tunnel_idle_timeout,
         lifecycle: lifecycle.clone(),
     };
     Ok(App {

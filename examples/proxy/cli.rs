@@ -48,6 +48,8 @@ Timeouts (DURATION: 500ms, 30s, 2m; a bare number is seconds):
   --upstream-timeout D       for a backend's response head (504), then between parts of
                              its body (the response is cut); counts against the backend
                              (default {upstream})
+  --tunnel-idle-timeout D    a WebSocket tunnel with no traffic either way is closed
+                             (default {tunnel})
   --shutdown-timeout D       on SIGTERM/SIGINT, how long requests in progress may take to
                              finish before they are cut (default {shutdown})
 
@@ -64,6 +66,7 @@ Limits:
         connect = defaults::CONNECT_TIMEOUT.as_secs(),
         upstream = secs(defaults::UPSTREAM_TIMEOUT),
         shutdown = secs(defaults::SHUTDOWN_TIMEOUT),
+        tunnel = secs(defaults::TUNNEL_IDLE_TIMEOUT),
         size = defaults::MAX_HEADER_SIZE / 1024,
         pool_idle = secs(defaults::POOL_IDLE_TIMEOUT),
         pool_max = defaults::POOL_MAX_IDLE,
@@ -211,6 +214,9 @@ pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args,
             "--idle-timeout" => {
                 config.server.idle_timeout = parse_duration(&flag, &value()?, false)?;
             }
+            "--tunnel-idle-timeout" => {
+                config.tunnel_idle_timeout = parse_duration(&flag, &value()?, false)?;
+            }
             "--body-timeout" => config.body_timeout = parse_duration(&flag, &value()?, false)?,
             "--connect-timeout" => {
                 config.upstream.connect_timeout = parse_duration(&flag, &value()?, false)?;
@@ -245,7 +251,7 @@ pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args,
     if let Some(factor) = bounded_load {
         config.strategy = config.strategy.bounded_load(factor)?;
     }
-    if listen == admin_listen {
+    if listen == admin_listen && listen.port() != 0 {
         return Err(format!(
             "--listen and --admin-listen are both {listen}: the stats must not be public"
         ));

@@ -3,7 +3,10 @@
 //! tunnel after a protocol upgrade.
 
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -15,21 +18,26 @@ use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::{BoxError, ServiceExt};
-use tower_lb::http::{PeerAddr, TrackedBody};
+use tower_lb::http::{ClientIp, PeerAddr, TrackedBody};
 
 use crate::app::SharedBalancer;
 use crate::body::{ClientFault, ClientSide, DownstreamBody, RequestBody, UpstreamBody};
 use crate::server::{reached, Lifecycle, Phase};
 use crate::upstream::{Failure, UpstreamError};
 
-/// What the handler needs: the balancer, whom to trust, the client body timeout, and the
-/// server's lifecycle (tunnels follow it).
+/// What the handler needs: the balancer, whom to trust, the timeouts it applies itself, and
+/// the server's lifecycle (tunnels follow it).
 pub(crate) struct Forwarder {
     pub(crate) balancer: SharedBalancer,
-    /// Peers whose `X-Forwarded-Proto` and `X-Forwarded-Host` are kept.
+    /// Peers whose forwarding headers are believed.
     pub(crate) trusted: Arc<[IpNet]>,
+    /// Finds the client behind trusted proxies (for hashing by client IP).
+    pub(crate) client_ip: ClientIp,
     pub(crate) body_timeout: Duration,
+    /// A tunnel through which nothing passed for this long is closed.
+    pub(crate) tunnel_idle_timeout: Duration,
     pub(crate) lifecycle: Lifecycle,
 }
 
@@ -64,12 +72,21 @@ pub(crate) async fn forward(State(proxy): State<Arc<Forwarder>>, mut request: Re
     }
     let upgrade = requested_upgrade(request.headers(), request.version());
     let trusted = proxy.is_trusted(peer.map(|p| p.ip()));
+    // The client as the request arrived (behind trusted proxies, the one they name): hashing
+    // by client IP reads it, after this proxy has added itself to the forwarding headers.
+    let client_addr = peer.map(|peer| {
+        let ip = proxy.client_ip.client_ip(&request).unwrap_or(peer.ip());
+        std::net::SocketAddr::new(ip, peer.port())
+    });
     rewrite_request_headers(
         request.headers_mut(),
         peer.map(|p| p.ip()),
         trusted,
         upgrade.as_ref(),
     );
+    if let Some(client_addr) = client_addr {
+        request.extensions_mut().insert(PeerAddr(client_addr));
+    }
     // The backend connection is HTTP/1.1 whatever the client spoke.
     *request.version_mut() = Version::HTTP_11;
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -104,8 +121,8 @@ pub(crate) async fn forward(State(proxy): State<Arc<Forwarder>>, mut request: Re
                 *retry.version_mut() = Version::HTTP_11;
                 *retry.headers_mut() = headers;
                 retry.extensions_mut().insert(Retrying);
-                if let Some(peer) = peer {
-                    retry.extensions_mut().insert(PeerAddr(peer));
+                if let Some(client_addr) = client_addr {
+                    retry.extensions_mut().insert(PeerAddr(client_addr));
                 }
                 result = send(&proxy, retry, client.as_deref()).await;
             }
@@ -228,6 +245,7 @@ fn tunnel(proxy: &Forwarder, response: BackendResponse, client_upgrade: OnUpgrad
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let mut phase = proxy.lifecycle.follow();
+    let idle_timeout = proxy.tunnel_idle_timeout;
     tokio::spawn(async move {
         let _in_flight = in_flight;
         let (client, backend) = match tokio::try_join!(client_upgrade, backend_upgrade) {
@@ -237,12 +255,17 @@ fn tunnel(proxy: &Forwarder, response: BackendResponse, client_upgrade: OnUpgrad
                 return;
             }
         };
-        let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+        let activity = Arc::new(Activity::default());
+        let mut client = Watched::new(TokioIo::new(client), &activity);
+        let mut backend = Watched::new(TokioIo::new(backend), &activity);
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
                 if let Err(error) = copied {
                     tracing::debug!(%error, "tunnel closed with an error");
                 }
+            }
+            () = activity.idle_for(idle_timeout) => {
+                tracing::debug!("closing a tunnel idle for {idle_timeout:?}");
             }
             () = reached(&mut phase, Phase::Stopped) => {}
         }
@@ -447,5 +470,87 @@ fn quote_if_needed(value: &str) -> String {
         value.to_owned()
     } else {
         format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// When bytes last passed through a tunnel, either way.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has passed for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + idle;
+            if deadline <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One side of a tunnel, noting in [`Activity`] every read that brought bytes.
+struct Watched<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> Watched<T> {
+    fn new(io: T, activity: &Arc<Activity>) -> Self {
+        Self {
+            io,
+            activity: activity.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
