@@ -1570,6 +1570,16 @@ async fn an_http2_client_s_authority_becomes_the_host() {
     let authority = proxy.addr.to_string();
     assert_eq!(echo.header("host"), [authority.as_str()]);
     assert_eq!(echo.header("x-forwarded-host"), [authority.as_str()]);
+
+    // A Host that names another host than :authority is malformed (RFC 9113 §8.3.1).
+    let request = Request::get(proxy.url("/h2"))
+        .header("host", "elsewhere.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = within("a conflicting HTTP/2 request", h2.request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]

@@ -34,7 +34,7 @@ use tower_lb::{Weight, WeightedRoundRobin};
 
 use crate::body::RequestBody;
 use crate::forward::{forward, Forwarder, Retrying};
-use crate::server::{self, Lifecycle, ServerSettings, MAX_HEADERS};
+use crate::server::{self, Lifecycle, ServerSettings};
 use crate::upstream::Upstream;
 
 /// Everything the proxy needs to run.
@@ -373,6 +373,10 @@ pub(crate) fn check_admin_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most headers a backend's response may have (hyper's default is 100, and a backend
+/// answering more got a 502).
+pub(crate) const MAX_RESPONSE_HEADERS: usize = 500;
+
 type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Upstream>, BoxError>> + Send>>;
 
 /// The balancer. `Swappable` lets the strategy be chosen at run time (from the command line)
@@ -409,7 +413,7 @@ fn build_balancer(
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(upstream.pool_idle_timeout)
         .pool_max_idle_per_host(upstream.pool_max_idle)
-        .http1_max_headers(MAX_HEADERS)
+        .http1_max_headers(MAX_RESPONSE_HEADERS)
         .build(connector);
 
     let candidates = discover::fixed(config.backends.iter().map(|b| (b.addr, b.addr)));

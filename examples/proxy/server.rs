@@ -42,10 +42,6 @@ pub(crate) struct ServerSettings {
     pub(crate) shutdown_timeout: Duration,
 }
 
-/// The most request or response headers a message may have. hyper's default is 100; a backend
-/// answering more got a 502.
-pub(crate) const MAX_HEADERS: usize = 500;
-
 /// The smallest header size cap hyper accepts (its minimum read buffer).
 pub(crate) const MIN_HEADER_SIZE: usize = 8 * 1024;
 
@@ -169,8 +165,9 @@ fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor>
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
-        .max_buf_size(settings.max_header_size.max(MIN_HEADER_SIZE))
-        .max_headers(MAX_HEADERS);
+        // Requests keep hyper's cap of 100 headers (431 above it): hyper parses up to 100 on
+        // the stack, and a larger cap costs a heap array per request.
+        .max_buf_size(settings.max_header_size.max(MIN_HEADER_SIZE));
     builder
         .http2()
         .timer(TokioTimer::new())
