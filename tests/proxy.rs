@@ -1491,10 +1491,10 @@ async fn a_backend_that_stalls_its_body_is_cut_off_and_blamed() {
 }
 
 #[tokio::test]
-async fn a_response_with_300_headers_passes() {
+async fn a_response_with_250_headers_passes() {
     let backend = TestBackend::start(|_: Request<Incoming>| async {
         let mut response = Response::builder();
-        for i in 0..300 {
+        for i in 0..250 {
             response = response.header(format!("x-header-{i}"), i.to_string());
         }
         response.body(Body::from("many")).unwrap()
@@ -1511,12 +1511,12 @@ async fn a_response_with_300_headers_passes() {
     .await
     .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["x-header-299"], "299");
+    assert_eq!(response.headers()["x-header-249"], "249");
     assert_eq!(
-        (0..300)
+        (0..250)
             .filter(|i| response.headers().contains_key(format!("x-header-{i}")))
             .count(),
-        300
+        250
     );
 }
 

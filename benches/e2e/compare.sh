@@ -94,7 +94,7 @@ measure() {
     p99=$(to_ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
     local cpu_us
     cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" \
-        'BEGIN { printf "%.1f", n > 0 ? t * 1e6 / hz / n : 0 }')
+        'BEGIN { printf "%.1f", (n > 0 ? t * 1e6 / hz / n : 0) }')
     echo "$rps $p90 $p99 $cpu_us"
 }
 

@@ -374,8 +374,9 @@ pub(crate) fn check_admin_path(path: &str) -> Result<(), String> {
 }
 
 /// The most headers a backend's response may have (hyper's default is 100, and a backend
-/// answering more got a 502).
-pub(crate) const MAX_RESPONSE_HEADERS: usize = 500;
+/// answering more got a 502). hyper parses into a heap array of this size per response, so
+/// it is not much larger than needed.
+pub(crate) const MAX_RESPONSE_HEADERS: usize = 256;
 
 type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Upstream>, BoxError>> + Send>>;
 
