@@ -2050,3 +2050,39 @@ async fn a_502_says_nothing_about_the_backend() {
     );
     assert_eq!(backend_stats(&proxy, addr).await["failures"], 1);
 }
+
+#[tokio::test]
+async fn a_shutdown_waits_for_an_open_tunnel_until_the_deadline_then_cuts_it() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (backend, _server) = websocket_echo_backend().await;
+    let mut config = Config::new(vec![Backend {
+        addr: backend,
+        weight: Weight::ONE,
+    }]);
+    config.server.shutdown_timeout = Duration::from_millis(300);
+    let mut proxy = Proxy::start(config).await;
+    let (mut socket, _) = within(
+        "the WebSocket handshake through the proxy",
+        tokio_tungstenite::connect_async(format!("ws://{}/live", proxy.addr)),
+    )
+    .await
+    .unwrap();
+
+    proxy.shutdown.take().unwrap().send(()).unwrap();
+    // Draining: the tunnel still carries messages.
+    socket.send(Message::text("still there?")).await.unwrap();
+    let echoed = within("the echo while draining", socket.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Message::text("still there?"));
+
+    within("the proxy to stop at its deadline", &mut proxy.server)
+        .await
+        .unwrap();
+    within("the tunnel being cut", async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
+}

@@ -9,7 +9,8 @@
 # shows medians over the rounds. CPU per request is the server's user + system CPU time
 # (nginx: master and workers; the proxy: its process) over the requests wrk completed.
 #
-# nginx runs 2 workers with an upstream keepalive pool of 32; the proxy runs tokio's default
+# nginx runs 2 workers with an upstream keepalive pool of 32 and the usual forwarding headers
+# (Host, X-Forwarded-For/-Proto/-Host); the proxy runs tokio's default
 # (one worker thread per core). wrk uses 2 threads and 64 connections. On a 2-core machine
 # the load generator, the server and the backends share the cores, so the figures are
 # relative; the load average before and after is recorded, and measurements taken while other
@@ -127,7 +128,12 @@ http {
     location / {
       proxy_pass http://backends;
       proxy_http_version 1.1;
+      # The usual reverse-proxy headers (the proxy example sets these, and Forwarded).
       proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
     }
   }
 }

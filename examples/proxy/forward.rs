@@ -2,6 +2,7 @@
 //! balancer call (retried once if no connection could be made), the error answers, and the
 //! tunnel after a protocol upgrade.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -431,46 +432,71 @@ pub(crate) fn rewrite_request_headers(
     }
 
     let Some(client) = client else { return };
+    let mut element = String::with_capacity(64);
+    let _ = write!(element, "{client}");
     append_to_list(
         headers,
         HeaderName::from_static("x-forwarded-for"),
-        &client.to_string(),
+        &element,
     );
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    element.clear();
+    let _ = match client {
+        IpAddr::V4(ip) => write!(element, "for={ip};proto=http"),
+        IpAddr::V6(ip) => write!(element, "for=\"[{ip}]\";proto=http"),
     };
-    let mut element = format!("for={node};proto=http");
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        element.push_str(&format!(";host={}", quote_if_needed(host)));
+        element.push_str(";host=");
+        push_quoted_if_needed(&mut element, host);
     }
     append_to_list(headers, header::FORWARDED, &element);
 }
 
 /// Appends `item` to a comma-separated list header, merging repeated headers into one.
 fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
-    let mut list: Vec<&str> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .collect();
-    list.push(item);
-    if let Ok(value) = HeaderValue::from_str(&list.join(", ")) {
+    let mut values = headers.get_all(&name).iter();
+    let value = match (values.next(), values.next()) {
+        // The usual case: the client is the first hop.
+        (None, _) => HeaderValue::from_str(item),
+        (Some(first), None) => {
+            let mut list = Vec::with_capacity(first.len() + 2 + item.len());
+            list.extend_from_slice(first.as_bytes());
+            list.extend_from_slice(b", ");
+            list.extend_from_slice(item.as_bytes());
+            HeaderValue::from_bytes(&list)
+        }
+        (Some(_), Some(_)) => {
+            let mut list: Vec<&str> = headers
+                .get_all(&name)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .collect();
+            list.push(item);
+            HeaderValue::from_str(&list.join(", "))
+        }
+    };
+    if let Ok(value) = value {
         headers.insert(name, value);
     }
 }
 
-/// A `Forwarded` parameter value: a token as is, anything else quoted (RFC 7239 §4).
-fn quote_if_needed(value: &str) -> String {
+/// Appends a `Forwarded` parameter value: a token as is, anything else quoted (RFC 7239 §4).
+fn push_quoted_if_needed(out: &mut String, value: &str) {
     let token = !value.is_empty()
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c));
     if token {
-        value.to_owned()
-    } else {
-        format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+        out.push_str(value);
+        return;
     }
+    out.push('"');
+    for c in value.chars() {
+        if c == '\\' || c == '"' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// When bytes last passed through a tunnel, either way.
