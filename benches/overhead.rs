@@ -30,6 +30,10 @@
 //! The targets are printed beside the numbers, not asserted: round-robin adds at most
 //! 12 ns over the direct call at every N, and 16 clones on 2 threads reach 40 M requests/s.
 //!
+//! - **clone per request** (`overhead/clones.rs`): a new clone per request, as axum, hyper and
+//!   tonic use a service, beside the long-lived clone and tower's p2c behind a `Buffer` cloned
+//!   per request, for two endpoint kinds; and the first request on 16 clones after a reweight.
+//!
 //! Run with `cargo bench --bench overhead` (a few minutes). `OVERHEAD_QUICK=1` runs a short
 //! pass (N = 2 and 4096, shorter measurements, fewer requests). Criterion's filters work as
 //! usual (`cargo bench --bench overhead -- tower_lb`); the summary shows what ran. Under
@@ -55,6 +59,9 @@ use tower::load::{CompleteOnResponse, PeakEwmaDiscover, PendingRequestsDiscover}
 use tower::{Layer, Service, ServiceExt};
 use tower_lb::discover::{self, Fixed};
 use tower_lb::{Balance, BalanceLayer, RoundRobin};
+
+#[path = "overhead/clones.rs"]
+mod clones;
 
 const ENDPOINTS: [usize; 5] = [2, 16, 256, 4096, 65_536];
 const QUICK_ENDPOINTS: [usize; 2] = [2, 4096];
@@ -642,10 +649,19 @@ fn main() {
             .expect("a runtime");
         single_task(&mut criterion, &rt, ns, &samples);
     }
+    let clone_ns: &[usize] = if quick {
+        &clones::QUICK_ENDPOINTS
+    } else {
+        &clones::ENDPOINTS
+    };
+    let clone_results = clones::Results::default();
+    clones::bench(&mut criterion, clone_ns, &clone_results);
     criterion.final_summary();
+    let reweight = clones::after_reweight(if measuring { 20 } else { 1 });
 
     let runs = throughput(lb_requests, buffer_requests, rounds);
     if measuring {
         summary(ns, &samples, &runs);
+        clones::summary(clone_ns, &clone_results, Some(reweight));
     }
 }

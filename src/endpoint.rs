@@ -50,6 +50,9 @@ pub(crate) const BROKEN: u32 = 1;
 pub(crate) const EJECTED: u32 = 2;
 /// Being drained: no new requests; the drain waiter is woken when in-flight reaches zero.
 pub(crate) const DRAINING: u32 = 4;
+/// Removed by discovery (or drained): out of every table from the next publish, and no request
+/// reserved before that is sent to it.
+pub(crate) const REMOVED: u32 = 8;
 
 /// What an endpoint reports to its balancer from the response path.
 pub(crate) struct EndpointEvents {
@@ -123,6 +126,9 @@ pub(crate) struct EndpointState {
     failures: AtomicU64,
     /// The weight discovery or a handle gave (at least 1).
     configured_weight: AtomicU32,
+    /// The id the balancer gave the endpoint's current service; a new `Insert` of the same key
+    /// replaces the service and the id.
+    service_id: AtomicU64,
     /// Who to tell when the endpoint fails too often; `None` outside a balancer.
     events: Option<std::sync::Arc<EndpointEvents>>,
     /// Woken when the last in-flight request of a draining endpoint finishes.
@@ -145,7 +151,7 @@ pub(crate) struct EndpointState {
 impl EndpointState {
     #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
-        self.refs.load(Ordering::Acquire) & IN_FLIGHT_MASK
+        self.refs.load(Ordering::SeqCst) & IN_FLIGHT_MASK
     }
 
     /// The in-flight count, read with a read-modify-write: a cleaner of a [`LoadIndex`] bit
@@ -180,6 +186,17 @@ impl EndpointState {
     /// Sets the configured weight; the driver derives the weight strategies see from it.
     pub(crate) fn set_weight(&self, weight: u32) {
         self.configured_weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// Records the id of the endpoint's service, when it is inserted or replaced.
+    pub(crate) fn set_service(&self, id: u64) {
+        self.service_id.store(id, Ordering::Release);
+    }
+
+    /// Whether `id` is the endpoint's current service.
+    #[inline]
+    pub(crate) fn serves(&self, id: u64) -> bool {
+        self.service_id.load(Ordering::Acquire) == id
     }
 
     /// Sets the weight strategies see.
@@ -273,9 +290,10 @@ impl EndpointState {
         self.flags() & DRAINING != 0
     }
 
-    /// Sets `flag`; returns `true` for the caller that changed it.
+    /// Sets `flag`; returns `true` for the caller that changed it. Sequentially consistent,
+    /// so that [`EndpointHandle::try_dispatch`] and a drain agree on who came first.
     pub(crate) fn set_flag(&self, flag: u32) -> bool {
-        self.flags.fetch_or(flag, Ordering::AcqRel) & flag == 0
+        self.flags.fetch_or(flag, Ordering::SeqCst) & flag == 0
     }
 
     /// Clears `flag`; returns `true` for the caller that changed it.
@@ -458,6 +476,7 @@ impl EndpointHandle {
             failures: AtomicU64::new(0),
             weight: AtomicU32::new(weight),
             configured_weight: AtomicU32::new(weight),
+            service_id: AtomicU64::new(0),
             flags: AtomicU32::new(0),
             events,
             drained: futures_util::task::AtomicWaker::new(),
@@ -477,16 +496,38 @@ impl EndpointHandle {
     }
 
     /// Counts a request as dispatched to this endpoint and returns the guard that counts it
-    /// down again.
-    #[inline]
+    /// down again (the balancer uses [`try_dispatch`](Self::try_dispatch)).
+    #[cfg(test)]
     pub(crate) fn dispatch(&self) -> InFlightGuard {
-        let prev = self.refs.fetch_add(1, Ordering::Relaxed);
+        let guard = self.enter();
+        self.picks.fetch_add(1, Ordering::Relaxed);
+        guard
+    }
+
+    /// Dispatches a request to service `service` of this endpoint, unless the endpoint has
+    /// one of the `unavailable` flags or its service has been replaced. Checked after the
+    /// request is counted in flight: whoever sets a flag and then waits for the in-flight count
+    /// to reach zero (a drain) either sees this request or is seen by it.
+    #[inline]
+    pub(crate) fn try_dispatch(&self, unavailable: u32, service: u64) -> Option<InFlightGuard> {
+        let guard = self.enter();
+        if self.flags.load(Ordering::SeqCst) & unavailable != 0 || !self.serves(service) {
+            // Dropping the guard releases the count (and wakes a drain waiting for it).
+            return None;
+        }
+        self.picks.fetch_add(1, Ordering::Relaxed);
+        Some(guard)
+    }
+
+    /// Counts one more request in flight.
+    #[inline]
+    fn enter(&self) -> InFlightGuard {
+        let prev = self.refs.fetch_add(1, Ordering::SeqCst);
         if prev & IN_FLIGHT_MASK == IN_FLIGHT_MASK {
             // Four billion requests in flight to one endpoint: the count would spill into the
             // owner half. Like `Arc` on overflow, refuse to continue rather than corrupt it.
             std::process::abort();
         }
-        self.picks.fetch_add(1, Ordering::Relaxed);
         let reports = prev & WATCHED != 0;
         if reports {
             self.report_dispatch(prev);

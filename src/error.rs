@@ -40,6 +40,11 @@ pub enum Error {
     UnknownEndpoint,
     /// The balancer behind a handle is gone (every clone was dropped).
     Closed,
+    /// The balancer's discovery task failed — something it ran panicked (a discovery stream,
+    /// a weigher, a strategy's build) — so the balancer can no longer follow its endpoints and
+    /// fails every request. Carries the panic's message; [`Stats`](crate::Stats) and a
+    /// `tracing` error say so too.
+    DiscoveryFailed(String),
 }
 
 impl fmt::Display for Error {
@@ -57,6 +62,9 @@ impl fmt::Display for Error {
             ),
             Error::UnknownEndpoint => f.write_str("no endpoint with that key"),
             Error::Closed => f.write_str("the balancer is gone"),
+            Error::DiscoveryFailed(message) => {
+                write!(f, "the balancer's discovery task failed: {message}")
+            }
         }
     }
 }

@@ -70,6 +70,17 @@
 //!   [`Stats`]; the last set is kept, also when the stream ends.
 //! - **Strategies** ([`strategy`]) choose among endpoints through a read-only view; their
 //!   pickers are rebuilt off the request path when membership, weights or the strategy change.
+//! - **Clones**: [`Balance`] is `Clone + Send + Sync` (for endpoint services that are
+//!   `Clone + Send + Sync`), so it sits in axum's `State`, an `Arc` or a
+//!   `BoxCloneSyncService`, and `svc.clone().oneshot(req)` per request is the intended use. A
+//!   clone costs O(1) whatever the number of endpoints — reference-count bumps and a counter,
+//!   no lock, no allocation — and copies an endpoint's service (one `Clone` of it) only when it
+//!   first polls that endpoint; its first two copies are kept inline. A long-lived clone keeps
+//!   its copies across table changes and drops only those of removed or replaced services.
+//!   Measured (`cargo bench --bench overhead`, round-robin, one task, N = 2 … 4096): a new
+//!   clone per request costs 37–74 ns a request, against 21–30 ns on one long-lived clone and
+//!   1.0–1.4 µs for tower's p2c behind a `Buffer` cloned per request; the upper figures are for
+//!   endpoints holding four `Arc`s, like a hyper-util client handle.
 //! - **Readiness**: an endpoint is only called after it reported ready. Unkeyed strategies
 //!   pick in `poll_ready`: the balancer asks the picker (up to three times) for a ready
 //!   endpoint, then scans the rest from a random position; a pending endpoint is skipped for a
@@ -107,9 +118,25 @@
 //!
 //! # Decisions
 //!
-//! - Endpoint services must be `Clone`: each clone of the balancer keeps its own copies, so it
-//!   can drive their readiness with `&mut` access and no lock. hyper and tonic clients are
-//!   cheap to clone; wrap anything else in `tower::buffer::Buffer`.
+//! - Endpoint services must be `Clone + Send + Sync`: each clone of the balancer keeps its own
+//!   copies of the services it uses, so it can drive their readiness with `&mut` access and no
+//!   lock, and copies them from a table every clone shares. hyper-util's client, tonic's
+//!   `Channel`, `BoxCloneSyncService` and this crate's HTTP endpoint are. A service that is
+//!   only `Send` (`BoxCloneService`, say) can be made `Sync` with `tower::buffer::Buffer`, at
+//!   the cost of a channel hop and a worker task per endpoint (about 1 µs a request here); box
+//!   `Sync` services as `BoxCloneSyncService` instead.
+//! - A request that `poll_ready` reserved on an endpoint that is removed, drained or ejected —
+//!   or whose service is replaced — before `call` is sent elsewhere: `call` counts it in flight,
+//!   then checks the endpoint, and if it left, picks again from the newest table (an endpoint
+//!   ready at once first) and lets the response future ready the one it chose. It never
+//!   reaches the endpoint that left.
+//! - If the discovery task panics (in a discovery stream, a weigher, a strategy's build), the
+//!   balancer fails every request from then on with [`Error::DiscoveryFailed`], which carries
+//!   the panic's message (so do [`Stats::discovery_failure`] and a `tracing` error), rather
+//!   than serve from a table nobody updates; a clone waiting for endpoints is woken at once.
+//! - A clone keeps the table it last used until its next request, and with it the services
+//!   and counters of endpoints removed since; stats list such endpoints as removed until no
+//!   clone holds them. A balancer that is only ever cloned (axum's `State`) holds no table.
 //! - Clones rotate and sample with their own cursor and random generator (seeded differently
 //!   per clone, or reproducibly with [`BalanceLayer::seed`]), so threads never contend on a
 //!   shared counter; shares stay exact per clone.

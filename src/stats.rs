@@ -20,6 +20,10 @@ pub struct Stats<K> {
     pub discovery_errors: u64,
     /// Whether the discovery stream has ended (the last endpoint set is kept).
     pub discovery_ended: bool,
+    /// Set when the balancer's discovery task failed (it panicked: in a discovery stream, a
+    /// weigher, a strategy's build…), with the panic's message. Every request then fails with
+    /// [`Error::DiscoveryFailed`](crate::Error::DiscoveryFailed).
+    pub discovery_failure: Option<String>,
     /// Whether too few endpoints are available, so ejected ones are picked too (see
     /// [`health`](crate::health)).
     pub panic_mode: bool,

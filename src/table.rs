@@ -1,50 +1,60 @@
 //! The endpoint table: what the discovery task publishes and every clone reads.
 //!
 //! Publishing is rare (membership, weight or strategy changes) and reading is per request, so
-//! the table is a version number beside a mutex-guarded `Arc`. A reader compares the version
-//! with the one it last saw (one atomic load on the request path) and takes the lock only when
-//! it changed, to pick up the new snapshot. The version is written inside the lock, so a
-//! reader that saw a new version and then locks always gets that snapshot or a newer one.
+//! the table is a version number beside a read-write-locked `Arc`. A reader compares the
+//! version with the one it last saw (one atomic load on the request path, on cache lines
+//! nothing else writes) and takes the read lock only when it changed, to pick up the new
+//! snapshot; readers never wait for each other. The version is written inside the write lock,
+//! so a reader that saw a new version and then loads always gets that snapshot or a newer one.
+//!
+//! The top bit of the version says the discovery task has failed: every reader notices it at
+//! its next version check, at no cost on the request path.
 
-use crate::sync::{lock, Arc, AtomicU64, Mutex, Ordering};
+use crate::sync::{read, replace, Arc, AtomicU64, CachePadded, Ordering, RwLock};
+
+/// Set in the version once the discovery task has failed; no table is published after it.
+pub(crate) const FAILED: u64 = 1 << 63;
 
 pub(crate) struct Published<T> {
-    version: AtomicU64,
-    current: Mutex<(u64, Arc<T>)>,
+    version: CachePadded<AtomicU64>,
+    current: RwLock<(u64, Arc<T>)>,
 }
 
 impl<T> Published<T> {
     pub(crate) fn new(initial: T) -> Self {
         Self {
-            version: AtomicU64::new(0),
-            current: Mutex::new((0, Arc::new(initial))),
+            version: CachePadded(AtomicU64::new(0)),
+            current: RwLock::new((0, Arc::new(initial))),
         }
     }
 
-    /// The version of the newest snapshot.
+    /// The version of the newest snapshot, with [`FAILED`] set once the task has failed.
     #[inline]
     pub(crate) fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
     }
 
-    /// The newest snapshot and its version.
+    /// The newest snapshot and its version (without [`FAILED`]).
     pub(crate) fn load(&self) -> (u64, Arc<T>) {
-        let current = lock(&self.current);
+        let current = read(&self.current);
         (current.0, Arc::clone(&current.1))
     }
 
     /// Replaces the snapshot; readers see it from their next version check.
     pub(crate) fn publish(&self, next: T) {
         let next = Arc::new(next);
-        let old = {
-            let mut current = lock(&self.current);
-            let version = current.0 + 1;
-            let old = std::mem::replace(&mut *current, (version, next));
-            self.version.store(version, Ordering::Release);
-            old
-        };
+        let version = read(&self.current).0 + 1;
+        // Only the discovery task publishes, so the version read above is still the newest.
+        let old = replace(&self.current, (version, next));
+        // An add, not a store, so that a racing `fail` is kept.
+        self.version.fetch_add(1, Ordering::Release);
         // The old snapshot (and with it, maybe, services) is dropped outside the lock.
         drop(old);
+    }
+
+    /// Marks the table as failed: every reader's next version check sees it.
+    pub(crate) fn fail(&self) {
+        self.version.fetch_or(FAILED, Ordering::AcqRel);
     }
 }
 
@@ -77,6 +87,59 @@ mod loom_tests {
             }
             writer.join().unwrap();
             assert_eq!(table.version(), 2);
+        });
+    }
+
+    /// Clones made on two threads take the table, copy a service out of it (the balancer's
+    /// lazily copied services: an `Arc` shared by the tables that list it, cloned into the
+    /// clone) and drop everything, while the discovery task publishes a table without that
+    /// service. Loom checks that every table and every service is freed exactly once,
+    /// whatever the interleaving, and that a reader never sees a table older than the version
+    /// it read.
+    #[test]
+    fn fresh_clones_copy_services_while_tables_change() {
+        loom::model(|| {
+            let service = Arc::new(7u32);
+            let table = Arc::new(Published::new((1u64, Some(Arc::clone(&service)))));
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let table = Arc::clone(&table);
+                    thread::spawn(move || {
+                        let seen = table.version();
+                        let (version, snapshot) = table.load();
+                        assert!(version >= seen);
+                        let copy = snapshot.1.as_ref().map(|s| Arc::new(**s));
+                        drop(snapshot);
+                        if let Some(copy) = copy {
+                            assert_eq!(*copy, 7);
+                        }
+                    })
+                })
+                .collect();
+            table.publish((2, None));
+            drop(service);
+            for reader in readers {
+                reader.join().unwrap();
+            }
+            let (version, snapshot) = table.load();
+            assert_eq!((version, snapshot.0), (1, 2));
+            assert!(snapshot.1.is_none());
+        });
+    }
+
+    /// A failure marked while a table is published is never lost, and the version under it
+    /// keeps counting.
+    #[test]
+    fn a_failure_survives_a_racing_publish() {
+        loom::model(|| {
+            let table = Arc::new(Published::new(0u64));
+            let writer = {
+                let table = Arc::clone(&table);
+                thread::spawn(move || table.publish(1))
+            };
+            table.fail();
+            writer.join().unwrap();
+            assert_eq!(table.version(), FAILED | 1);
         });
     }
 }

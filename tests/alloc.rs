@@ -174,6 +174,87 @@ fn consistent_hashing_allocates_nothing() {
     );
 }
 
+/// The allocations of 2,000 requests each on a new clone of a weighted balancer with
+/// `strategy` over `n` endpoints (clone, `poll_ready`, `call`, response, drop), after the
+/// balancer served 100 requests.
+fn fresh_clones<St: Strategy + Clone>(strategy: St, n: usize) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let weights: Vec<u32> = (0..n as u32).map(|i| 1 + i % 3).collect();
+    let balance = BalanceLayer::new(strategy)
+        .weighted()
+        .key(key_fn(|n: &u64| Some(n.to_le_bytes())))
+        .layer(discover::fixed(weighted(&weights)));
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut warm = balance.clone();
+    for n in 0..100 {
+        one_request(&mut warm, &mut cx, n);
+    }
+    ALLOCATIONS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    for n in 0..2_000 {
+        let mut fresh = balance.clone();
+        one_request(&mut fresh, &mut cx, n);
+    }
+    COUNTING.with(|c| c.set(false));
+    ALLOCATIONS.with(Cell::get)
+}
+
+#[test]
+fn a_new_clone_per_request_allocates_nothing_whatever_the_number_of_endpoints() {
+    for n in [16, 4096] {
+        assert_eq!(
+            fresh_clones(RoundRobin::new(), n),
+            0,
+            "round-robin, n = {n}"
+        );
+        assert_eq!(fresh_clones(Random::weighted(), n), 0, "random, n = {n}");
+        assert_eq!(
+            fresh_clones(LeastConnections::weighted(), n),
+            0,
+            "least-connections, n = {n}"
+        );
+        assert_eq!(
+            fresh_clones(PowerOfTwoChoices::peak_ewma(), n),
+            0,
+            "P2C, n = {n}"
+        );
+        assert_eq!(
+            fresh_clones(ConsistentHash::maglev(), n),
+            0,
+            "Maglev, n = {n}"
+        );
+        assert_eq!(
+            fresh_clones(ConsistentHash::ring().bounded_load(1.25).unwrap(), n),
+            0,
+            "bounded ring, n = {n}"
+        );
+    }
+    // Weighted round-robin, precomputed (16 endpoints) and strided (a cycle of ~3·10^6).
+    assert_eq!(fresh_clones(WeightedRoundRobin::new(), 16), 0);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let balance = BalanceLayer::new(WeightedRoundRobin::new())
+        .weighted()
+        .layer(discover::fixed(weighted(&[1_000_000, 999_999, 999_998])));
+    let mut cx = Context::from_waker(Waker::noop());
+    ALLOCATIONS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    for n in 0..2_000 {
+        one_request(&mut balance.clone(), &mut cx, n);
+    }
+    COUNTING.with(|c| c.set(false));
+    assert_eq!(
+        ALLOCATIONS.with(Cell::get),
+        0,
+        "strided weighted round-robin"
+    );
+}
+
 #[test]
 fn the_counter_sees_allocations() {
     // Guards the tests above against a counter that never counts.

@@ -14,19 +14,19 @@ use std::time::Duration;
 use common::{settle, Broken, Echo, Gate, Gated, Held};
 use futures::Stream;
 use tower::discover::Change;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::{discover, Balance, BalanceLayer, EndpointStatus, Error, RoundRobin};
 
-type Boxed = BoxCloneService<(), usize, BoxError>;
+type Boxed = BoxCloneSyncService<(), usize, BoxError>;
 
 fn boxed<S>(svc: S) -> Boxed
 where
-    S: Service<(), Response = usize> + Clone + Send + 'static,
+    S: Service<(), Response = usize> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    BoxCloneService::new(svc.map_err(Into::into))
+    BoxCloneSyncService::new(svc.map_err(Into::into))
 }
 
 async fn send<S: Service<(), Response = usize, Error = BoxError>>(svc: &mut S) -> usize {

@@ -23,6 +23,8 @@ impl Strategy for Heaviest {
 }
 
 impl Picker for HeaviestPicker {
+    type Local = ();
+
     fn pick(&self, _: &Endpoints<'_>, _: &mut PickContext<'_>) -> Option<usize> {
         self.0
     }
@@ -171,6 +173,8 @@ impl Strategy for Modulo {
 }
 
 impl Picker for ModuloPicker {
+    type Local = ();
+
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         cx.key_hash()
             .map(|hash| (hash % endpoints.len() as u64) as usize)
@@ -193,10 +197,10 @@ async fn a_keyed_strategy_picks_by_the_request_key_and_waits_for_its_endpoint() 
     let gate = Gate::closed();
     // Order endpoints by key so that "endpoint i" is index i in the table.
     let endpoints = vec![
-        (0usize, tower::util::BoxCloneService::new(Echo(0))),
+        (0usize, tower::util::BoxCloneSyncService::new(Echo(0))),
         (
             1,
-            tower::util::BoxCloneService::new(Gated {
+            tower::util::BoxCloneSyncService::new(Gated {
                 id: 1,
                 gate: gate.clone(),
             }),

@@ -218,6 +218,8 @@ impl Strategy for Proportional {
 }
 
 impl Picker for ProportionalPicker {
+    type Local = ();
+
     fn pick(&self, _: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         let point = cx.random() % self.0.last()?;
         Some(self.0.partition_point(|&end| end <= point))
@@ -332,8 +334,8 @@ async fn http_5xx_responses_count_as_failures_and_eject() {
         )
     });
     let endpoints = vec![
-        ("ok", tower::util::BoxCloneService::new(ok)),
-        ("broken", tower::util::BoxCloneService::new(broken)),
+        ("ok", tower::util::BoxCloneSyncService::new(ok)),
+        ("broken", tower::util::BoxCloneSyncService::new(broken)),
     ];
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .track_completion(TrackBody::head())

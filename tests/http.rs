@@ -189,6 +189,9 @@ async fn http_endpoints_send_each_request_to_their_address() {
         0,
         "bodies read to the end released their requests"
     );
+    // Over hyper-util's client the balancer is Send + Sync: it fits axum's `State` as it is.
+    fn send_sync<T: Send + Sync + Clone + 'static>(_: &T) {}
+    send_sync(&balance);
 }
 
 #[test]

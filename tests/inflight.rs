@@ -1,7 +1,8 @@
 //! Property: whatever happens to requests (completion, error, cancellation, panic) and to
-//! endpoints (removal, re-insertion) across clones on a multi-threaded runtime, once every
-//! request has finished or been dropped every in-flight count is zero, and the picks equal
-//! the requests dispatched.
+//! endpoints (removal, re-insertion, reweighting) across clones on a multi-threaded runtime —
+//! three long-lived clones and a new clone for every request of a fourth stream, made, used
+//! once and dropped across table changes — once every request has finished or been dropped
+//! every in-flight count is zero, and the picks equal the requests dispatched.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,11 +25,20 @@ enum Fate {
     Panic,
 }
 
+/// Calls on this stream use a new clone of the balancer each.
+const FRESH: usize = 3;
+
 #[derive(Clone, Debug)]
 enum Op {
-    Call { clone: usize, fate: Fate },
+    /// A request on stream `clone`: one of three long-lived clones, or [`FRESH`].
+    Call {
+        clone: usize,
+        fate: Fate,
+    },
     Remove(u8),
     Insert(u8),
+    /// Publishes a new table without changing membership.
+    Reweight(u8, u32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,9 +49,10 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Fate::Panic)
     ];
     prop_oneof![
-        6 => (0..3usize, fate).prop_map(|(clone, fate)| Op::Call { clone, fate }),
+        8 => (0..=FRESH, fate).prop_map(|(clone, fate)| Op::Call { clone, fate }),
         1 => (0..4u8).prop_map(Op::Remove),
         1 => (0..4u8).prop_map(Op::Insert),
+        1 => (0..4u8, 1..4u32).prop_map(|(key, weight)| Op::Reweight(key, weight)),
     ]
 }
 
@@ -121,18 +132,27 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let balance = Balance::new(source, RoundRobin::new());
     let tally = Arc::new(Tally::default());
 
-    // Three long-lived clones, each driven by its own task from its own queue.
+    // Three long-lived clones and a stream of fresh ones, each stream driven by its own task
+    // from its own queue.
     let mut queues = Vec::new();
     let mut drivers = Vec::new();
-    for _ in 0..3 {
+    for stream in 0..=FRESH {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Fate>();
-        let mut clone = balance.clone();
+        let parent = balance.clone();
+        let mut long_lived = balance.clone();
         let tally = tally.clone();
         queues.push(tx);
         drivers.push(tokio::spawn(async move {
             let mut requests = Vec::new();
             while let Some(fate) = rx.recv().await {
-                match ServiceExt::<Fate>::ready(&mut clone).await {
+                let mut fresh;
+                let clone = if stream == FRESH {
+                    fresh = parent.clone();
+                    &mut fresh
+                } else {
+                    &mut long_lived
+                };
+                match ServiceExt::<Fate>::ready(clone).await {
                     Ok(_) => {}
                     Err(error) => {
                         assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
@@ -169,8 +189,13 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Insert(key) => {
                 handle.insert(key, Obedient);
             }
+            Op::Reweight(key, weight) => {
+                let _ = balance
+                    .handle()
+                    .set_weight(&key, tower_lb::Weight::new(weight).unwrap());
+            }
         }
-        if let Op::Remove(_) | Op::Insert(_) = op {
+        if let Op::Remove(_) | Op::Insert(_) | Op::Reweight(..) = op {
             tokio::task::yield_now().await;
         }
     }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{settle, weighted, Echo, Gate, Gated};
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::{discover, Balance, BalanceLayer, Random, Weight, Weighted, WeightedRoundRobin};
 
@@ -36,13 +36,13 @@ fn tally(seen: &[usize]) -> HashMap<usize, usize> {
     counts
 }
 
-fn boxed<S>(svc: S) -> BoxCloneService<(), usize, BoxError>
+fn boxed<S>(svc: S) -> BoxCloneSyncService<(), usize, BoxError>
 where
-    S: Service<(), Response = usize> + Clone + Send + 'static,
+    S: Service<(), Response = usize> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    BoxCloneService::new(svc.map_err(Into::into))
+    BoxCloneSyncService::new(svc.map_err(Into::into))
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tower::discover::{Change, Discover};
 use tower::BoxError;
 
-use super::shared::{Config, Control, Member, SharedOf, Snapshot};
+use super::shared::{Config, Control, SharedOf, Snapshot, Source};
 use crate::endpoint::{EndpointEvents, EndpointHandle, EJECTED};
 use crate::health::slow_start::{SCALE, STEPS};
 use crate::strategy::{decay_ns, Endpoints, Picker, Strategy};
@@ -43,6 +43,8 @@ pub(crate) struct Driver<D: Discover, St: Strategy, Kx, W> {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether the last step stopped at its budget with more changes possibly ready.
     more_ready: bool,
+    /// Whether something the task ran panicked; it does nothing more.
+    failed: bool,
 }
 
 impl<D, St, Kx, W> Driver<D, St, Kx, W>
@@ -75,12 +77,43 @@ where
             events,
             timer: None,
             more_ready: false,
+            failed: false,
         }
     }
 
-    /// Whether the last step stopped at its budget with more changes possibly ready.
-    pub(crate) fn more_ready(&self) -> bool {
-        self.more_ready
+    /// Takes in everything discovery has ready now, without a runtime's waker: the balancer
+    /// does this at construction so that a fixed list is in the first table. A panic is
+    /// caught and fails the balancer, as in the task.
+    pub(crate) fn prime(&mut self) {
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        while self.poll_guarded(&mut noop).is_pending() && self.more_ready {}
+    }
+
+    /// [`poll_step`](Self::poll_step), with a panic caught: it fails the balancer (requests get
+    /// [`Error::DiscoveryFailed`] with the panic's message) and ends the task, rather than
+    /// leaving clones with a table nobody updates.
+    ///
+    /// [`Error::DiscoveryFailed`]: crate::Error::DiscoveryFailed
+    fn poll_guarded(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.failed {
+            return Poll::Ready(());
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.poll_step(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                self.failed = true;
+                self.more_ready = false;
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+                if let Some(shared) = self.shared.upgrade() {
+                    shared.fail(format!("panicked: {message}"));
+                }
+                Poll::Ready(())
+            }
+        }
     }
 
     /// Whether the health features that need a clock are on.
@@ -89,13 +122,12 @@ where
     }
 
     /// Applies whatever is ready; returns `Ready` when the balancer is gone.
-    pub(crate) fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(shared) = self.shared.upgrade() else {
             return Poll::Ready(());
         };
         let mut dirty = false;
         let mut budget = BATCH;
-        let next_version = shared.table.version() + 1;
         let now = Instant::now();
         let had_endpoints = lock(&shared.registry)
             .members
@@ -113,8 +145,8 @@ where
 
         loop {
             match self.control.poll_recv(cx) {
-                Poll::Ready(Some(Control::Failed { handle, version })) => {
-                    dirty |= self.mark_broken(&shared.registry, &handle, version);
+                Poll::Ready(Some(Control::Failed { handle, id })) => {
+                    dirty |= self.mark_broken(&shared.registry, &handle, id);
                 }
                 Poll::Ready(Some(Control::Rebuild)) => dirty = true,
                 // Every clone is gone: nothing can use the table any more.
@@ -129,7 +161,7 @@ where
                     budget -= 1;
                     let ramp_from =
                         (had_endpoints && self.config.slow_start.is_some()).then_some(now);
-                    self.apply(&shared.registry, change, next_version, ramp_from);
+                    self.apply(&shared.registry, change, ramp_from);
                     dirty = true;
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -168,7 +200,6 @@ where
         &self,
         registry: &Mutex<Registry<D>>,
         change: Change<D::Key, D::Service>,
-        next_version: u64,
         ramp_from: Option<Instant>,
     ) {
         let mut registry = lock(registry);
@@ -176,15 +207,12 @@ where
             Change::Insert(key, service) => {
                 let weight = self.weigher.weigh(&key, &service).get();
                 if let Some(&position) = registry.index.get(&key) {
-                    let member = &mut registry.members[position];
-                    member.service = service;
-                    member.since = next_version;
-                    member.handle.set_weight(weight);
-                    member.handle.clear_broken();
+                    registry.replace(position, service);
+                    let handle = &registry.members[position].handle;
+                    handle.set_weight(weight);
+                    handle.clear_broken();
                     tracing::debug!(?key, weight, "endpoint replaced");
                 } else {
-                    let position = registry.members.len();
-                    registry.index.insert(key.clone(), position);
                     tracing::debug!(?key, weight, "endpoint inserted");
                     let identity = format!("{key:?}").into_boxed_str();
                     let handle = EndpointHandle::with_identity(
@@ -192,9 +220,7 @@ where
                         identity,
                         Some(Arc::clone(&self.events)),
                     );
-                    let mut member = Member::new(key, handle, service, next_version);
-                    member.ramp_from = ramp_from;
-                    registry.members.push(member);
+                    registry.insert(key, handle, service).ramp_from = ramp_from;
                 }
             }
             Change::Remove(key) => {
@@ -207,17 +233,12 @@ where
 
     /// Takes an endpoint out of rotation after its service failed `poll_ready`, unless that
     /// service has been replaced since. Returns whether anything changed.
-    fn mark_broken(
-        &self,
-        registry: &Mutex<Registry<D>>,
-        handle: &EndpointHandle,
-        version: u64,
-    ) -> bool {
+    fn mark_broken(&self, registry: &Mutex<Registry<D>>, handle: &EndpointHandle, id: u64) -> bool {
         let registry = lock(registry);
         let Some(member) = registry.members.iter().find(|m| m.handle.same(handle)) else {
             return false;
         };
-        if member.since > version || !member.handle.mark_broken() {
+        if member.id != id || !member.handle.mark_broken() {
             return false;
         }
         tracing::warn!(key = ?member.key, "endpoint failed its readiness check; out of rotation until re-inserted");
@@ -244,7 +265,8 @@ where
             }
             member.ejections += 1;
             let time = outlier.ejection_time(member.ejections);
-            member.ejected_until = Some(now + time);
+            // A time too long for the clock means "until further notice": about 30 years.
+            member.ejected_until = Some(now.checked_add(time).unwrap_or_else(far_future));
             member.ramp_from = None;
             changed = true;
             tracing::warn!(
@@ -371,7 +393,7 @@ where
         }
         let ramping = registry.members.iter().any(|m| m.ramp_from.is_some());
 
-        let (endpoints, services): (Vec<_>, Vec<_>) = registry
+        let (endpoints, sources): (Vec<_>, Vec<_>) = registry
             .members
             .iter()
             .filter(|m| !m.handle.is_broken() && (panic || !m.handle.is_ejected()))
@@ -387,14 +409,26 @@ where
                     _ => weight,
                 };
                 m.handle.set_effective_weight(effective.max(1));
-                (m.handle.clone(), m.service.clone())
+                let source = Source {
+                    service: Arc::clone(&m.service),
+                    slot: m.slot,
+                    id: m.id,
+                };
+                (m.handle.clone(), source)
             })
             .unzip();
+        let mut members = vec![0; registry.slot_count as usize];
+        for member in &registry.members {
+            members[member.slot as usize] = member.id;
+        }
+        let invalidated = std::mem::take(&mut registry.invalidated);
         drop(registry);
         let picker = self.strategy.build(&Endpoints::new(&endpoints));
         shared.table.publish(Snapshot {
             endpoints: endpoints.into_boxed_slice(),
-            services: Mutex::new(services.into_boxed_slice()),
+            sources: sources.into_boxed_slice(),
+            members: members.into_boxed_slice(),
+            invalidated: invalidated.into_boxed_slice(),
             keyed: picker.is_keyed(),
             latency_decay_ns: picker.latency_decay().map(decay_ns),
             picker,
@@ -402,6 +436,11 @@ where
         });
         shared.published.notify_waiters();
     }
+}
+
+/// An instant further than any timer needs to go: about 30 years from now.
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(30 * 365 * 24 * 60 * 60)
 }
 
 type Registry<D> = super::shared::Registry<<D as Discover>::Key, <D as Discover>::Service>;
@@ -421,6 +460,6 @@ where
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.get_mut().poll_step(cx)
+        self.get_mut().poll_guarded(cx)
     }
 }

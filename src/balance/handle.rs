@@ -129,7 +129,7 @@ pub(crate) trait ControlPlane<K>: Send + Sync {
 impl<K, S, P, Kx> ControlPlane<K> for Shared<K, S, P, Kx>
 where
     K: Hash + Eq + Clone + Send + Sync,
-    S: Send,
+    S: Send + Sync,
     P: Send + Sync,
     Kx: Send + Sync,
 {

@@ -157,7 +157,7 @@ impl<D, St, Kx, W, C> Layer<D> for BalanceLayer<St, Kx, W, C>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Clone + Send + 'static,
+    D::Service: Clone + Send + Sync + 'static,
     D::Error: Into<BoxError>,
     St: Strategy + Clone,
     Kx: Clone + Send + Sync + 'static,

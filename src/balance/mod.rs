@@ -32,8 +32,10 @@ mod driver;
 mod future;
 mod handle;
 mod layer;
+mod local;
 mod service;
 mod shared;
+mod wait;
 
 pub(crate) use shared::Control;
 

@@ -1,41 +1,45 @@
 //! The `Balance` service.
 
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use pin_project_lite::pin_project;
 use tokio::sync::{mpsc, Notify};
 use tower::discover::Discover;
-use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
 use super::driver::Driver;
-use super::future::{LatencyProbe, ResponseFuture};
+use super::future::ResponseFuture;
 use super::handle::{BalanceHandle, ControlPlane};
-use super::shared::{Config, Control, Registry, Shared, SharedOf, Snapshot};
+use super::local::{Local, Reserved, NO_VERSION};
+use super::shared::{Config, Registry, Shared, SharedOf, Snapshot};
+use super::wait::{Waiting, Woken};
 use crate::completion::{CompleteOnResponse, TrackCompletion};
-use crate::endpoint::{clock, EndpointEvents, BROKEN, DRAINING, EJECTED};
+use crate::endpoint::EndpointEvents;
 use crate::error::Error;
 use crate::key::{NoKey, RequestKey};
 use crate::stats::Stats;
-use crate::strategy::{decay_ns, Endpoints, LocalState, PickContext, Picker, Rebuild, Strategy};
-use crate::sync::{lock, AtomicBool, AtomicU64, Mutex};
-use crate::table::Published;
+use crate::strategy::{decay_ns, Endpoints, Picker, Rebuild, Strategy};
+use crate::sync::{lock, AtomicBool, AtomicU64, CachePadded, Mutex};
+use crate::table::{Published, FAILED};
 use crate::weight::{Unweighted, Weigh};
 
 /// Picks an endpoint per request from a discovered set; see the [crate docs](crate).
 ///
-/// Built by [`BalanceLayer`](crate::BalanceLayer) or [`Balance::new`]. Cloning is cheap (one
-/// reference-count bump): clones share the endpoint table, the counters, the strategy and the
-/// discovery task, and each keeps its own copies of the endpoint services (cloned from the
-/// table when it changes) so it can poll them without locks.
+/// Built by [`BalanceLayer`](crate::BalanceLayer) or [`Balance::new`]. It is `Clone`, `Send`
+/// and `Sync` (for endpoint services that are `Clone + Send + Sync`, as hyper-util's client,
+/// tonic's `Channel` and `BoxCloneSyncService` are), so it can sit in axum's `State`, an
+/// `Arc` or a `BoxCloneSyncService` and be cloned per request.
+///
+/// Clones share the endpoint table, the counters, the strategy and the discovery task. A
+/// clone costs O(1) whatever the number of endpoints — reference-count bumps, no lock, no
+/// allocation: it starts from its parent's table and copies an endpoint's service (one
+/// `Clone` of it) only when it first polls that endpoint. A long-lived clone keeps its copies
+/// across table changes, dropping only those of removed or replaced services. See the crate
+/// docs' *Clones* section for measured costs.
 ///
 /// The discovery task runs on the tokio runtime current at construction (or, if there is
 /// none, the one current at the first `poll_ready`); it processes changes even when no
@@ -51,105 +55,11 @@ where
     _discover: PhantomData<fn() -> D>,
 }
 
-/// One clone's view of the table.
-struct Local<S, P> {
-    /// The version of `snapshot`; `u64::MAX` before the first sync.
-    version: u64,
-    snapshot: Option<crate::sync::Arc<Snapshot<S, P>>>,
-    /// This clone's copies of the endpoint services, in table order.
-    services: Vec<S>,
-    /// Endpoints whose service failed `poll_ready` in this clone.
-    dead: Vec<bool>,
-    reserved: Reserved,
-    /// The clock reading of the reserving pick, for pickers that measure latency.
-    picked_at: u64,
-    pick: LocalState,
-    wait: Option<Pin<Box<Waiting>>>,
-}
-
-/// What `poll_ready` promised `call`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reserved {
-    None,
-    /// This endpoint reported ready.
-    Endpoint(usize),
-    /// The strategy is keyed: `call` picks, and readies the endpoint it picked.
-    Keyed,
-}
-
-pin_project! {
-    /// A bounded wait for discovery to produce endpoints.
-    struct Waiting {
-        #[pin]
-        deadline: tokio::time::Sleep,
-        #[pin]
-        published: tokio::sync::futures::OwnedNotified,
-        notify: Arc<Notify>,
-    }
-}
-
-enum Woken {
-    Published,
-    TimedOut,
-}
-
-impl Waiting {
-    fn new(wait: Duration, notify: &Arc<Notify>) -> Self {
-        Self {
-            deadline: tokio::time::sleep(wait),
-            published: Arc::clone(notify).notified_owned(),
-            notify: Arc::clone(notify),
-        }
-    }
-
-    fn poll_woken(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Woken> {
-        let mut this = self.project();
-        if this.published.as_mut().poll(cx).is_ready() {
-            // Re-arm for the next publish; the deadline stays.
-            this.published.set(Arc::clone(this.notify).notified_owned());
-            return Poll::Ready(Woken::Published);
-        }
-        if this.deadline.poll(cx).is_ready() {
-            return Poll::Ready(Woken::TimedOut);
-        }
-        Poll::Pending
-    }
-}
-
-impl<S: Clone, P> Local<S, P> {
-    fn new(pick: LocalState) -> Self {
-        Self {
-            version: u64::MAX,
-            snapshot: None,
-            services: Vec::new(),
-            dead: Vec::new(),
-            reserved: Reserved::None,
-            picked_at: 0,
-            pick,
-            wait: None,
-        }
-    }
-
-    /// Takes the newest snapshot and clones its services; drops any reservation.
-    fn sync(&mut self, table: &Published<Snapshot<S, P>>) {
-        let (version, snapshot) = table.load();
-        self.services.clear();
-        self.services
-            .extend(lock(&snapshot.services).iter().cloned());
-        self.dead.clear();
-        self.dead.resize(self.services.len(), false);
-        self.snapshot = Some(snapshot);
-        self.version = version;
-        self.reserved = Reserved::None;
-        self.pick.scratch = None;
-    }
-}
-
 impl<D, St> Balance<D, St>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Clone + Send + 'static,
+    D::Service: Clone + Send + Sync + 'static,
     D::Error: Into<BoxError>,
     St: Strategy,
 {
@@ -171,7 +81,7 @@ impl<D, St, Kx, C> Balance<D, St, Kx, C>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Clone + Send + 'static,
+    D::Service: Clone + Send + Sync + 'static,
     D::Error: Into<BoxError>,
     St: Strategy,
     Kx: Send + Sync + 'static,
@@ -198,10 +108,19 @@ where
             control: control.downgrade(),
         });
         let empty = strategy.build(&Endpoints::new(&[]));
+        let (rotation_base, seed_base) = match config.seed {
+            Some(seed) => (crate::key::mix64(seed) >> 1, seed),
+            None => {
+                let mut rng = crate::rng::FastRng::new();
+                (rng.next_u64() >> 1, rng.next_u64())
+            }
+        };
         let shared = Arc::new(Shared {
             table: Published::new(Snapshot {
                 endpoints: Box::new([]),
-                services: Mutex::new(Box::new([])),
+                sources: Box::new([]),
+                members: Box::new([]),
+                invalidated: Box::new([]),
                 keyed: empty.is_keyed(),
                 latency_decay_ns: empty.latency_decay().map(decay_ns),
                 picker: empty,
@@ -217,11 +136,10 @@ where
             discovery_errors: AtomicU64::new(0),
             discovery_ended: AtomicBool::new(false),
             panicking: AtomicBool::new(false),
-            clones: AtomicU64::new(0),
-            rotation_base: match config.seed {
-                Some(seed) => crate::key::mix64(seed) >> 1,
-                None => crate::rng::FastRng::new().next_u64() >> 1,
-            },
+            failure: std::sync::OnceLock::new(),
+            clones: CachePadded(AtomicU64::new(0)),
+            rotation_base,
+            seed_base,
         });
         let mut driver = Driver::new(
             discover,
@@ -233,16 +151,18 @@ where
             events,
         );
         // Take in everything discovery has ready now (a fixed list, say, however long), so the
-        // first request does not race the task's first turn. The task registers its real waker when it runs.
-        let mut noop = Context::from_waker(std::task::Waker::noop());
-        while driver.poll_step(&mut noop).is_pending() && driver.more_ready() {}
+        // first request does not race the task's first turn. The task registers its real
+        // waker when it runs.
+        driver.prime();
         *lock(&shared.unspawned) = Some(Box::pin(driver));
         // Start discovery now if a runtime is current; otherwise at the first poll_ready.
         let _ = shared.spawn_driver();
-        let pick = shared.local_state();
+        // No table yet: a balancer that is only ever cloned (axum's `State`, say) must not
+        // keep a table, and with it removed endpoints' services, alive.
+        let local = Local::new(shared.local_state(), NO_VERSION, None);
         Self {
             shared,
-            local: Local::new(pick),
+            local,
             completion,
             _discover: PhantomData,
         }
@@ -265,7 +185,7 @@ impl<D, St, Kx, C> Balance<D, St, Kx, C>
 where
     D: Discover,
     D::Key: Hash + Eq + Clone + Send + Sync + 'static,
-    D::Service: Send + 'static,
+    D::Service: Send + Sync + 'static,
     St: Strategy,
     Kx: Send + Sync + 'static,
 {
@@ -282,81 +202,23 @@ where
     D::Service: Clone,
     St: Strategy,
 {
-    /// Asks the picker (up to three times), then scans, for a ready endpoint.
-    ///
-    /// `Ready(Some(i))`: endpoint `i` is ready. `Ready(None)`: every endpoint has failed.
-    /// `Pending`: some endpoint is pending and none is ready; each pending one will wake us.
-    ///
-    /// The snapshot is borrowed, not cloned: an `Arc` clone per request would be two atomic
-    /// operations on a cache line every clone on every thread shares.
-    fn pick_ready<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Option<usize>>
-    where
-        D::Service: Service<Req>,
-        <D::Service as Service<Req>>::Error: Into<BoxError>,
-    {
-        let Local {
-            version,
-            snapshot,
-            services,
-            dead,
-            pick,
-            picked_at,
-            ..
-        } = &mut self.local;
-        let Some(snapshot) = snapshot.as_deref() else {
-            return Poll::Ready(None);
-        };
-        let mut ready = Readiness {
-            snapshot,
-            services,
-            dead,
-            version: *version,
-            control: &self.shared.control,
-        };
-        let endpoints = Endpoints::new(&snapshot.endpoints);
-        let n = endpoints.len();
-        if n == 0 {
-            return Poll::Ready(None);
+    /// The number of endpoint services this clone has copied so far (for tests of what a
+    /// clone costs).
+    #[doc(hidden)]
+    pub fn copied_services(&self) -> usize {
+        self.local.copies()
+    }
+
+    /// Moves to the newest table (the slow path of `poll_ready`): fails if the discovery task
+    /// failed, or if it cannot be started for want of a runtime.
+    #[cold]
+    fn catch_up(&mut self, version: u64) -> Result<(), BoxError> {
+        if version & FAILED != 0 {
+            return Err(self.shared.failure().into());
         }
-        let mut pending = false;
-        let now = if snapshot.latency_decay_ns.is_some() {
-            clock::now_ns()
-        } else {
-            0
-        };
-        *picked_at = now;
-        for _ in 0..3 {
-            let mut pick_cx = PickContext {
-                local: pick,
-                key_hash: None,
-                now,
-            };
-            let Some(index) = snapshot.picker.pick(&endpoints, &mut pick_cx) else {
-                break;
-            };
-            if index >= n {
-                break;
-            }
-            match ready.poll::<Req>(index, cx) {
-                Poll::Ready(true) => return Poll::Ready(Some(index)),
-                Poll::Ready(false) => {}
-                Poll::Pending => pending = true,
-            }
-        }
-        let start = pick.rng.below(n);
-        for offset in 0..n {
-            let index = (start + offset) % n;
-            match ready.poll::<Req>(index, cx) {
-                Poll::Ready(true) => return Poll::Ready(Some(index)),
-                Poll::Ready(false) => {}
-                Poll::Pending => pending = true,
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(None)
-        }
+        self.shared.ensure_driver()?;
+        self.local.sync(&self.shared.table);
+        Ok(())
     }
 
     /// No endpoint is usable: fail at once, or wait (bounded) for discovery.
@@ -387,57 +249,6 @@ where
     }
 }
 
-/// One clone's endpoints, borrowed apart from its picking state so that both can be used at
-/// once without cloning the snapshot.
-struct Readiness<'a, S, P> {
-    snapshot: &'a Snapshot<S, P>,
-    services: &'a mut [S],
-    dead: &'a mut [bool],
-    version: u64,
-    control: &'a mpsc::UnboundedSender<Control>,
-}
-
-impl<S, P> Readiness<'_, S, P> {
-    /// Polls endpoint `index` for readiness. A failed endpoint is counted, skipped by this
-    /// clone from now on and reported to the discovery task.
-    #[inline]
-    fn poll<Req>(&mut self, index: usize, cx: &mut Context<'_>) -> Poll<bool>
-    where
-        S: Service<Req>,
-        S::Error: Into<BoxError>,
-    {
-        if self.dead[index] {
-            return Poll::Ready(false);
-        }
-        let handle = &self.snapshot.endpoints[index];
-        let unavailable = BROKEN
-            | DRAINING
-            | if self.snapshot.honor_ejection {
-                EJECTED
-            } else {
-                0
-            };
-        if handle.flags() & unavailable != 0 {
-            return Poll::Ready(false);
-        }
-        match self.services[index].poll_ready(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(true),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(error)) => {
-                let error: BoxError = error.into();
-                tracing::debug!(%error, "endpoint failed poll_ready");
-                handle.record_failure();
-                self.dead[index] = true;
-                let _ = self.control.send(Control::Failed {
-                    handle: handle.clone(),
-                    version: self.version,
-                });
-                Poll::Ready(false)
-            }
-        }
-    }
-}
-
 impl<D, St, Kx, C, Req> Service<Req> for Balance<D, St, Kx, C>
 where
     D: Discover,
@@ -452,10 +263,9 @@ where
     type Future = ResponseFuture<D::Service, Req, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.shared.ensure_driver()?;
         let version = self.shared.table.version();
         if version != self.local.version {
-            self.local.sync(&self.shared.table);
+            self.catch_up(version)?;
         } else if self.local.reserved != Reserved::None {
             return Poll::Ready(Ok(()));
         }
@@ -463,12 +273,9 @@ where
             return self.poll_no_endpoints(version, cx);
         };
         let usable = if snapshot.keyed {
-            let live = (0..self.local.dead.len()).any(|i| {
-                !self.local.dead[i] && snapshot.endpoints[i].flags() & (BROKEN | DRAINING) == 0
-            });
-            live.then_some(Reserved::Keyed)
+            self.local.any_usable().then_some(Reserved::Keyed)
         } else {
-            match self.pick_ready::<Req>(cx) {
+            match self.local.pick_ready::<Req>(cx, &self.shared.control) {
                 Poll::Ready(found) => found.map(Reserved::Endpoint),
                 Poll::Pending => return Poll::Pending,
             }
@@ -484,79 +291,7 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let reserved = std::mem::replace(&mut self.local.reserved, Reserved::None);
-        let Some(snapshot) = &self.local.snapshot else {
-            return ResponseFuture::failed(Error::NotReady, self.completion.clone());
-        };
-        let index = match reserved {
-            Reserved::None => {
-                return ResponseFuture::failed(Error::NotReady, self.completion.clone())
-            }
-            Reserved::Endpoint(index) => index,
-            Reserved::Keyed => {
-                let latency = snapshot.latency_decay_ns;
-                let now = if latency.is_some() {
-                    clock::now_ns()
-                } else {
-                    0
-                };
-                let probe = latency.map(|decay| LatencyProbe::new(now, decay));
-                let mut hasher = snapshot.picker.key_hasher();
-                let key_hash = self
-                    .shared
-                    .key
-                    .hash_key(&request, &mut hasher)
-                    .then(|| hasher.finish());
-                let mut pick_cx = PickContext {
-                    local: &mut self.local.pick,
-                    key_hash,
-                    now,
-                };
-                let endpoints = Endpoints::new(&snapshot.endpoints);
-                match snapshot.picker.pick(&endpoints, &mut pick_cx) {
-                    Some(index) if index < endpoints.len() => {
-                        let guard = snapshot.endpoints[index].dispatch();
-                        let service = &mut self.local.services[index];
-                        let mut noop = Context::from_waker(std::task::Waker::noop());
-                        return match service.poll_ready(&mut noop) {
-                            Poll::Ready(Ok(())) => ResponseFuture::called(
-                                service.call(request),
-                                guard,
-                                probe,
-                                self.completion.clone(),
-                            ),
-                            // Not ready (or failing): let the response future ready a clone
-                            // of it, so the request still goes where its key maps.
-                            _ => ResponseFuture::readying(
-                                Oneshot::new(service.clone(), request),
-                                guard,
-                                probe,
-                                self.completion.clone(),
-                            ),
-                        };
-                    }
-                    _ => {
-                        // No choice: for a request without a key, say so.
-                        let error = if key_hash.is_none() {
-                            Error::MissingKey
-                        } else {
-                            Error::NoEndpoints
-                        };
-                        return ResponseFuture::failed(error, self.completion.clone());
-                    }
-                }
-            }
-        };
-        let guard = snapshot.endpoints[index].dispatch();
-        let probe = snapshot
-            .latency_decay_ns
-            .map(|decay| LatencyProbe::new(self.local.picked_at, decay));
-        ResponseFuture::called(
-            self.local.services[index].call(request),
-            guard,
-            probe,
-            self.completion.clone(),
-        )
+        self.local.call(request, &self.shared, &self.completion)
     }
 }
 
@@ -567,10 +302,18 @@ where
     St: Strategy,
     C: Clone,
 {
+    /// O(1): reference-count bumps, no lock, no allocation. The clone starts from this
+    /// clone's table if that is the newest.
     fn clone(&self) -> Self {
+        let current = self.shared.table.version();
+        let (version, snapshot) = if current == self.local.version {
+            (current, self.local.snapshot.clone())
+        } else {
+            (NO_VERSION, None)
+        };
         Self {
             shared: Arc::clone(&self.shared),
-            local: Local::new(self.shared.local_state()),
+            local: Local::new(self.shared.local_state(), version, snapshot),
             completion: self.completion.clone(),
             _discover: PhantomData,
         }
@@ -585,7 +328,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balance")
             .field("version", &self.local.version)
-            .field("endpoints", &self.local.services.len())
+            .field("copied_services", &self.local.copies())
             .field("reserved", &self.local.reserved)
             .finish_non_exhaustive()
     }

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::endpoint::EndpointHandle;
+use crate::endpoint::{EndpointHandle, BROKEN, DRAINING, EJECTED, REMOVED};
 use crate::error::Error;
 use crate::health::{OutlierDetection, SlowStart};
 use crate::rng::FastRng;
 use crate::stats::{EndpointStats, EndpointStatus, Stats};
 use crate::strategy::LocalState;
-use crate::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::sync::{lock, AtomicBool, AtomicU64, CachePadded, Mutex, Ordering};
 use crate::table::Published;
 
 /// Settings that do not depend on the strategy.
@@ -43,12 +43,28 @@ impl Default for Config {
     }
 }
 
+/// One endpoint's service in a table, and where clones keep their copies of it.
+pub(crate) struct Source<S> {
+    /// Shared with the member and every table that has it, so a publish clones no service.
+    pub(crate) service: std::sync::Arc<S>,
+    /// The member's slot, fixed while it is a member: clones keep their copies by slot.
+    pub(crate) slot: u32,
+    /// Which service this is: every `Insert` gets a new id, so a clone never uses its copy of
+    /// a service that has been replaced, or of an endpoint removed while its slot was reused.
+    pub(crate) id: u64,
+}
+
 /// One published endpoint set: what a clone picks from and calls.
 pub(crate) struct Snapshot<S, P> {
     pub(crate) endpoints: Box<[EndpointHandle]>,
-    /// The services to clone into each `Balance` clone, in the order of `endpoints`. Behind a
-    /// mutex so that services need only be `Send`; it is locked only when a clone resyncs.
-    pub(crate) services: Mutex<Box<[S]>>,
+    /// The services to copy into clones that use them, in the order of `endpoints`.
+    pub(crate) sources: Box<[Source<S>]>,
+    /// The service id of the member in each slot (0: none), for clones that catch up over
+    /// several tables at once.
+    pub(crate) members: Box<[u64]>,
+    /// The `(slot, id)` of services removed or replaced since the previous table, for clones
+    /// that catch up by one table: they drop exactly these copies.
+    pub(crate) invalidated: Box<[(u32, u64)]>,
     pub(crate) picker: P,
     /// `picker.is_keyed()`, asked once per table rather than per request.
     pub(crate) keyed: bool,
@@ -58,13 +74,19 @@ pub(crate) struct Snapshot<S, P> {
     pub(crate) honor_ejection: bool,
 }
 
+impl<S, P> Snapshot<S, P> {
+    /// The flags that keep an endpoint of this table from new requests.
+    #[inline]
+    pub(crate) fn unavailable(&self) -> u32 {
+        let ejected = if self.honor_ejection { EJECTED } else { 0 };
+        BROKEN | DRAINING | REMOVED | ejected
+    }
+}
+
 /// Messages from the request path (and handles) to the discovery task.
 pub(crate) enum Control {
-    /// A clone saw this endpoint's service fail `poll_ready`, in the snapshot of `version`.
-    Failed {
-        handle: EndpointHandle,
-        version: u64,
-    },
+    /// A clone saw this endpoint's service (of this id) fail `poll_ready`.
+    Failed { handle: EndpointHandle, id: u64 },
     /// Weights or the strategy changed: build a new picker and publish.
     Rebuild,
 }
@@ -73,10 +95,12 @@ pub(crate) enum Control {
 pub(crate) struct Member<K, S> {
     pub(crate) key: K,
     pub(crate) handle: EndpointHandle,
-    pub(crate) service: S,
-    /// The first table version whose snapshot carries `service`: a readiness failure seen in
-    /// an older snapshot came from a service that has since been replaced.
-    pub(crate) since: u64,
+    pub(crate) service: std::sync::Arc<S>,
+    /// See [`Source::slot`].
+    pub(crate) slot: u32,
+    /// See [`Source::id`]: a readiness failure reported for another id came from a service
+    /// that has since been replaced.
+    pub(crate) id: u64,
     /// Times ejected since the count last started over.
     pub(crate) ejections: u32,
     /// When the current ejection ends.
@@ -89,22 +113,6 @@ pub(crate) struct Member<K, S> {
     pub(crate) ramp_factor: u32,
 }
 
-impl<K, S> Member<K, S> {
-    pub(crate) fn new(key: K, handle: EndpointHandle, service: S, since: u64) -> Self {
-        Self {
-            key,
-            handle,
-            service,
-            since,
-            ejections: 0,
-            ejected_until: None,
-            returned_at: None,
-            ramp_from: None,
-            ramp_factor: 0,
-        }
-    }
-}
-
 /// Membership, owned by the discovery task and read for stats.
 pub(crate) struct Registry<K, S> {
     pub(crate) members: Vec<Member<K, S>>,
@@ -113,6 +121,14 @@ pub(crate) struct Registry<K, S> {
     pub(crate) retired: Vec<(K, EndpointHandle)>,
     /// Picks and failures of removed endpoints that have been forgotten.
     pub(crate) forgotten: (u64, u64),
+    /// Slots given back by removed members, for reuse.
+    free_slots: Vec<u32>,
+    /// Slots handed out so far (free or not): the length of a snapshot's `members`.
+    pub(crate) slot_count: u32,
+    /// The last service id handed out.
+    last_id: u64,
+    /// Copies to invalidate in the next table (see [`Snapshot::invalidated`]).
+    pub(crate) invalidated: Vec<(u32, u64)>,
 }
 
 impl<K: Hash + Eq + Clone, S> Registry<K, S> {
@@ -122,7 +138,58 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
             index: HashMap::new(),
             retired: Vec::new(),
             forgotten: (0, 0),
+            free_slots: Vec::new(),
+            slot_count: 0,
+            last_id: 0,
+            invalidated: Vec::new(),
         }
+    }
+
+    /// A new service id.
+    pub(crate) fn next_id(&mut self) -> u64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    /// Adds a member for a new key.
+    pub(crate) fn insert(
+        &mut self,
+        key: K,
+        handle: EndpointHandle,
+        service: S,
+    ) -> &mut Member<K, S> {
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.slot_count += 1;
+            self.slot_count - 1
+        });
+        let id = self.next_id();
+        handle.set_service(id);
+        let position = self.members.len();
+        self.index.insert(key.clone(), position);
+        self.members.push(Member {
+            key,
+            handle,
+            service: std::sync::Arc::new(service),
+            slot,
+            id,
+            ejections: 0,
+            ejected_until: None,
+            returned_at: None,
+            ramp_from: None,
+            ramp_factor: 0,
+        });
+        &mut self.members[position]
+    }
+
+    /// Replaces a member's service: clones drop their copies of the old one.
+    pub(crate) fn replace(&mut self, position: usize, service: S) {
+        let id = self.next_id();
+        let member = &mut self.members[position];
+        self.invalidated.push((member.slot, member.id));
+        member.service = std::sync::Arc::new(service);
+        member.id = id;
+        // Requests reserved on the old service in older tables go to the new one's table.
+        member.handle.set_service(id);
     }
 
     /// Takes an endpoint out of the table into `retired`, where it stays (in stats) until
@@ -133,6 +200,10 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
         if let Some(moved) = self.members.get(position) {
             self.index.insert(moved.key.clone(), position);
         }
+        // Requests reserved on the endpoint in older tables go elsewhere from now on.
+        member.handle.set_flag(REMOVED);
+        self.free_slots.push(member.slot);
+        self.invalidated.push((member.slot, member.id));
         let in_flight = member.handle.in_flight();
         self.retired.push((member.key, member.handle));
         Some(in_flight)
@@ -226,11 +297,16 @@ pub(crate) struct Shared<K, S, P, Kx> {
     pub(crate) discovery_ended: AtomicBool,
     /// Whether the last table was built in panic mode.
     pub(crate) panicking: AtomicBool,
+    /// Why the discovery task stopped, if it failed (the table's version says so too).
+    pub(crate) failure: std::sync::OnceLock<String>,
     /// Clones made so far, to seed each one's generator differently and to start its
-    /// rotation one step after the previous clone's.
-    pub(crate) clones: AtomicU64,
+    /// rotation one step after the previous clone's. Bumped by every clone, so kept off the
+    /// cache lines every request reads.
+    pub(crate) clones: CachePadded<AtomicU64>,
     /// Where the first clone's rotation starts: random per balancer (or from the seed).
     pub(crate) rotation_base: u64,
+    /// Mixed with the clone number to seed each clone's generator.
+    pub(crate) seed_base: u64,
 }
 
 impl<K, S, P, Kx> Shared<K, S, P, Kx> {
@@ -257,16 +333,31 @@ impl<K, S, P, Kx> Shared<K, S, P, Kx> {
         Ok(())
     }
 
-    /// The picking state of a new clone: seeded from the configured seed and the clone's
-    /// number, or from per-process randomness.
+    /// The error every request gets once the discovery task has failed.
+    pub(crate) fn failure(&self) -> Error {
+        Error::DiscoveryFailed(
+            self.failure
+                .get()
+                .cloned()
+                .unwrap_or_else(|| "the discovery task stopped".to_owned()),
+        )
+    }
+
+    /// Records that the discovery task failed; requests fail from their next `poll_ready`.
+    pub(crate) fn fail(&self, message: String) {
+        tracing::error!(%message, "the balancer's discovery task failed; every request fails from now on");
+        let _ = self.failure.set(message);
+        self.table.fail();
+        self.published.notify_waiters();
+    }
+
+    /// The picking state of a new clone, in O(1): its cursor one step after the previous
+    /// clone's, its generator seeded from the balancer's seed and the clone's number.
     pub(crate) fn local_state(&self) -> LocalState {
         let clone = self.clones.fetch_add(1, Ordering::Relaxed);
-        let mut local = match self.config.seed {
-            Some(seed) => LocalState::with_rng(FastRng::seeded(crate::key::mix64(
-                seed ^ clone.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            ))),
-            None => LocalState::new(),
-        };
+        let mut local = LocalState::with_rng(FastRng::seeded(crate::key::mix64(
+            self.seed_base ^ clone.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        )));
         // Clones start their rotations where the previous clone did, one further on: a
         // service that clones the balancer per request (axum's `State`, say) still rotates
         // exactly, and long-lived clones start spread out.
@@ -287,6 +378,7 @@ impl<K, S, P, Kx> Shared<K, S, P, Kx> {
             removed_failures: registry.forgotten.1,
             discovery_errors: self.discovery_errors.load(Ordering::Relaxed),
             discovery_ended: self.discovery_ended.load(Ordering::Relaxed),
+            discovery_failure: self.failure.get().cloned(),
         }
     }
 }

@@ -621,6 +621,8 @@ impl LeastConnectionsPicker {
 }
 
 impl Picker for LeastConnectionsPicker {
+    type Local = ();
+
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         if endpoints.is_empty() {
             return None;
@@ -655,11 +657,8 @@ mod tests {
         }
 
         fn pick(&mut self, picker: &LeastConnectionsPicker, handles: &[EndpointHandle]) -> usize {
-            let mut cx = PickContext {
-                local: &mut self.local,
-                key_hash: None,
-                now: 0,
-            };
+            let mut unit = ();
+            let mut cx = PickContext::new(&mut self.local, &mut unit);
             picker
                 .pick(&Endpoints::new(handles), &mut cx)
                 .expect("a choice")

@@ -42,6 +42,7 @@
 //! }
 //!
 //! impl Picker for HeaviestPicker {
+//!     type Local = (); // nothing kept per clone of the balancer
 //!     fn pick(&self, _: &Endpoints<'_>, _: &mut PickContext<'_>) -> Option<usize> {
 //!         self.0
 //!     }
@@ -111,6 +112,16 @@ impl fmt::Debug for Rebuild {
 
 /// Chooses one endpoint per request; built by a [`Strategy`] for one set of endpoints.
 pub trait Picker: Send + Sync + 'static {
+    /// State each clone of the balancer keeps for this picker, private to the clone (so it
+    /// needs no synchronisation), reached through [`PickContext::local`]; `()` for pickers that
+    /// need none.
+    ///
+    /// A clone makes it with `Default` on its first pick from a table and drops it when it
+    /// moves to a newer table, so it never outlives the picker that uses it. Balancers are
+    /// cloned per request in axum, hyper and tonic, so `Default` must be cheap: O(1), no
+    /// allocation. Grow anything larger lazily, on later picks.
+    type Local: Default + Send + Sync + 'static;
+
     /// Returns the index (below `endpoints.len()`) of the endpoint to use, or `None` when no
     /// endpoint can be chosen (the balancer then falls back to any ready endpoint, for
     /// unkeyed strategies, or fails the request with [`Error::NoEndpoints`]).
@@ -118,7 +129,11 @@ pub trait Picker: Send + Sync + 'static {
     /// `endpoints` is never empty and is the same set the picker was built for.
     ///
     /// [`Error::NoEndpoints`]: crate::Error::NoEndpoints
-    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize>;
+    fn pick(
+        &self,
+        endpoints: &Endpoints<'_>,
+        cx: &mut PickContext<'_, Self::Local>,
+    ) -> Option<usize>;
 
     /// Whether this picker needs the request, so picks in `call` instead of `poll_ready`.
     ///
@@ -146,14 +161,25 @@ pub trait Picker: Send + Sync + 'static {
     }
 }
 
-/// Per-clone state a picker may use, plus the request's key hash for keyed pickers.
-pub struct PickContext<'a> {
-    pub(crate) local: &'a mut LocalState,
+/// What a picker gets besides the endpoints: the clone's cursor and random generator, its
+/// [`Picker::Local`] state, and the request's key hash for keyed pickers.
+pub struct PickContext<'a, L = ()> {
+    pub(crate) common: &'a mut LocalState,
+    pub(crate) local: &'a mut L,
     pub(crate) key_hash: Option<u64>,
     pub(crate) now: u64,
 }
 
-impl PickContext<'_> {
+impl<'a, L> PickContext<'a, L> {
+    pub(crate) fn new(common: &'a mut LocalState, local: &'a mut L) -> Self {
+        Self {
+            common,
+            local,
+            key_hash: None,
+            now: 0,
+        }
+    }
+
     /// The request's key hash (from the picker's [`Picker::key_hasher`]), for keyed pickers:
     /// `None` when the picker is not keyed or the request had no key (the picker then applies
     /// its fallback).
@@ -161,19 +187,21 @@ impl PickContext<'_> {
         self.key_hash
     }
 
-    /// A clone-local counter for rotations; it starts at a random value in each clone.
+    /// A clone-local counter for rotations. A new clone's cursor is one more than the
+    /// previous clone's (from a random start per balancer), so a server that clones the
+    /// balancer per request still rotates.
     pub fn cursor(&mut self) -> &mut u64 {
-        &mut self.local.cursor
+        &mut self.common.cursor
     }
 
     /// A uniformly random `u64` from the clone's fast generator.
     pub fn random(&mut self) -> u64 {
-        self.local.rng.next_u64()
+        self.common.rng.next_u64()
     }
 
     /// A uniformly random number in `0..n`; `n` must not be zero.
     pub fn random_below(&mut self, n: usize) -> usize {
-        self.local.rng.below(n)
+        self.common.rng.below(n)
     }
 
     /// The time of this pick in nanoseconds on the balancer's clock, for pickers that asked
@@ -182,41 +210,40 @@ impl PickContext<'_> {
         self.now
     }
 
-    /// State of type `T` private to this clone and this picker, made by `init` on first use.
-    ///
-    /// It is dropped when the clone moves to a new endpoint table, so it never outlives the
-    /// picker that made it. Pickers use it for schedules that must not be shared between
-    /// threads; the allocation happens once per clone and table, not per request.
-    pub fn local<T: std::any::Any + Send>(&mut self, init: impl FnOnce() -> T) -> &mut T {
-        let scratch = &mut self.local.scratch;
-        if !scratch.as_ref().is_some_and(|s| s.is::<T>()) {
-            *scratch = Some(Box::new(init()));
+    /// This clone's state for this picker (see [`Picker::Local`]).
+    pub fn local(&mut self) -> &mut L {
+        self.local
+    }
+
+    /// The same context over another local state, for pickers that wrap pickers.
+    pub fn with_local<'b, M>(&'b mut self, local: &'b mut M) -> PickContext<'b, M> {
+        PickContext {
+            common: self.common,
+            local,
+            key_hash: self.key_hash,
+            now: self.now,
         }
-        scratch
-            .as_mut()
-            .and_then(|s| s.downcast_mut::<T>())
-            .expect("the scratch holds a T: it was just checked or made")
     }
 }
 
-impl fmt::Debug for PickContext<'_> {
+impl<L> fmt::Debug for PickContext<'_, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PickContext")
-            .field("cursor", &self.local.cursor)
+            .field("cursor", &self.common.cursor)
             .field("key_hash", &self.key_hash)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-/// The clone-local part of picking.
+/// The clone-local part of picking that every picker shares: a cursor and a generator.
+#[derive(Clone, Debug)]
 pub(crate) struct LocalState {
     pub(crate) cursor: u64,
     pub(crate) rng: FastRng,
-    /// See [`PickContext::local`]; cleared when the clone syncs to a new table.
-    pub(crate) scratch: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl LocalState {
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
         Self::with_rng(FastRng::new())
     }
@@ -225,7 +252,6 @@ impl LocalState {
         Self {
             cursor: rng.next_u64() >> 1,
             rng,
-            scratch: None,
         }
     }
 }
@@ -379,13 +405,13 @@ impl fmt::Debug for BoxStrategy {
 }
 
 trait DynStrategy: Send + Sync + 'static {
-    fn build_boxed(&self, endpoints: &Endpoints<'_>) -> Box<dyn Picker>;
+    fn build_boxed(&self, endpoints: &Endpoints<'_>) -> BoxPicker;
     fn attach_boxed(&self, rebuild: Rebuild);
 }
 
 impl<S: Strategy> DynStrategy for S {
-    fn build_boxed(&self, endpoints: &Endpoints<'_>) -> Box<dyn Picker> {
-        Box::new(self.build(endpoints))
+    fn build_boxed(&self, endpoints: &Endpoints<'_>) -> BoxPicker {
+        BoxPicker::new(self.build(endpoints))
     }
 
     fn attach_boxed(&self, rebuild: Rebuild) {
@@ -394,7 +420,7 @@ impl<S: Strategy> DynStrategy for S {
 }
 
 impl Strategy for BoxStrategy {
-    type Picker = Box<dyn Picker>;
+    type Picker = BoxPicker;
 
     fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker {
         self.inner.build_boxed(endpoints)
@@ -405,21 +431,116 @@ impl Strategy for BoxStrategy {
     }
 }
 
-impl Picker for Box<dyn Picker> {
-    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
-        (**self).pick(endpoints, cx)
+/// A picker behind a box: what [`BoxStrategy`] and [`Swappable`] build.
+///
+/// The boxed picker's [`Picker::Local`] lives behind a box too ([`BoxLocal`]), made on the
+/// clone's first pick from a table; for pickers whose local state is zero-sized (all of this
+/// crate's but one) that allocates nothing.
+pub struct BoxPicker {
+    inner: Box<dyn DynPicker>,
+}
+
+impl BoxPicker {
+    /// Boxes `picker`.
+    pub fn new<P: Picker>(picker: P) -> Self {
+        Self {
+            inner: Box::new(picker),
+        }
+    }
+}
+
+impl fmt::Debug for BoxPicker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxPicker").finish_non_exhaustive()
+    }
+}
+
+/// The clone-local state of a [`BoxPicker`]: the boxed picker's own, type-erased.
+#[derive(Default)]
+pub struct BoxLocal(Option<Box<dyn std::any::Any + Send + Sync>>);
+
+impl fmt::Debug for BoxLocal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxLocal").finish_non_exhaustive()
+    }
+}
+
+impl BoxLocal {
+    /// The state of type `T`, made with `Default` if this clone has none of that type yet.
+    fn get<T: Default + Send + Sync + 'static>(&mut self) -> &mut T {
+        if !self.0.as_ref().is_some_and(|local| local.is::<T>()) {
+            self.0 = Some(Box::new(T::default()));
+        }
+        match self.0.as_mut().and_then(|local| local.downcast_mut::<T>()) {
+            Some(local) => local,
+            // Just checked or made above.
+            None => unreachable!("the local state holds a T"),
+        }
+    }
+}
+
+trait DynPicker: Send + Sync + 'static {
+    fn pick_boxed(
+        &self,
+        endpoints: &Endpoints<'_>,
+        cx: &mut PickContext<'_, BoxLocal>,
+    ) -> Option<usize>;
+    fn is_keyed(&self) -> bool;
+    fn key_hasher(&self) -> crate::KeyHasher;
+    fn latency_decay(&self) -> Option<std::time::Duration>;
+}
+
+impl<P: Picker> DynPicker for P {
+    fn pick_boxed(
+        &self,
+        endpoints: &Endpoints<'_>,
+        cx: &mut PickContext<'_, BoxLocal>,
+    ) -> Option<usize> {
+        let PickContext {
+            common,
+            local,
+            key_hash,
+            now,
+        } = cx;
+        let mut inner = PickContext {
+            common,
+            local: local.get::<P::Local>(),
+            key_hash: *key_hash,
+            now: *now,
+        };
+        self.pick(endpoints, &mut inner)
     }
 
     fn is_keyed(&self) -> bool {
-        (**self).is_keyed()
+        Picker::is_keyed(self)
     }
 
     fn key_hasher(&self) -> crate::KeyHasher {
-        (**self).key_hasher()
+        Picker::key_hasher(self)
     }
 
     fn latency_decay(&self) -> Option<std::time::Duration> {
-        (**self).latency_decay()
+        Picker::latency_decay(self)
+    }
+}
+
+impl Picker for BoxPicker {
+    type Local = BoxLocal;
+
+    fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_, BoxLocal>) -> Option<usize> {
+        self.inner.pick_boxed(endpoints, cx)
+    }
+
+    fn is_keyed(&self) -> bool {
+        self.inner.is_keyed()
+    }
+
+    fn key_hasher(&self) -> crate::KeyHasher {
+        self.inner.key_hasher()
+    }
+
+    fn latency_decay(&self) -> Option<std::time::Duration> {
+        self.inner.latency_decay()
     }
 }
 
@@ -443,15 +564,12 @@ pub(crate) mod test_util {
 
     /// Picks `n` times with one clone-local context; returns the chosen indices.
     pub(crate) fn picks<P: Picker>(picker: &P, handles: &[EndpointHandle], n: usize) -> Vec<usize> {
-        let mut local = LocalState::new();
+        let mut common = LocalState::new();
+        let mut local = P::Local::default();
         let endpoints = Endpoints::new(handles);
         (0..n)
             .map(|_| {
-                let mut cx = PickContext {
-                    local: &mut local,
-                    key_hash: None,
-                    now: 0,
-                };
+                let mut cx = PickContext::new(&mut common, &mut local);
                 picker.pick(&endpoints, &mut cx).expect("a choice")
             })
             .collect()

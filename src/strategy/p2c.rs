@@ -431,6 +431,8 @@ impl PowerOfTwoChoicesPicker {
 }
 
 impl Picker for PowerOfTwoChoicesPicker {
+    type Local = ();
+
     #[inline]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         let n = endpoints.len();
@@ -506,11 +508,9 @@ mod tests {
         let endpoints = Endpoints::new(handles);
         let mut counts = vec![0; handles.len()];
         for _ in 0..n {
-            let mut cx = PickContext {
-                local: &mut local,
-                key_hash: None,
-                now,
-            };
+            let mut unit = ();
+            let mut cx = PickContext::new(&mut local, &mut unit);
+            cx.now = now;
             counts[picker.pick(&endpoints, &mut cx).expect("a choice")] += 1;
         }
         counts
@@ -559,7 +559,8 @@ mod tests {
             let picker = build(&PowerOfTwoChoices::new(), &handles);
             let mut local = LocalState::new();
             for _ in 0..2_000 {
-                let mut cx = PickContext { local: &mut local, key_hash: None, now: 0 };
+                let mut unit = ();
+                let mut cx = PickContext::new(&mut local, &mut unit);
                 let (a, b) = picker.sample(weights.len(), &mut cx);
                 prop_assert!(a < weights.len() && b < weights.len());
                 prop_assert_ne!(a, b);

@@ -125,6 +125,8 @@ impl Strategy for Random {
 }
 
 impl Picker for RandomPicker {
+    type Local = ();
+
     #[inline]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         match &self.alias {

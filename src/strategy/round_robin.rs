@@ -44,6 +44,8 @@ impl Strategy for RoundRobin {
 }
 
 impl Picker for RoundRobinPicker {
+    type Local = ();
+
     #[inline]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         let n = endpoints.len() as u64;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{BoxStrategy, Endpoints, Picker, Rebuild, Strategy};
+use super::{BoxPicker, BoxStrategy, Endpoints, Rebuild, Strategy};
 
 /// A strategy that a [`SwapHandle`] can replace while the balancer runs.
 ///
@@ -86,7 +86,7 @@ impl SwapHandle {
 }
 
 impl Strategy for Swappable {
-    type Picker = Box<dyn Picker>;
+    type Picker = BoxPicker;
 
     fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker {
         let current = Arc::clone(

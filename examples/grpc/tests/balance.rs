@@ -146,3 +146,12 @@ async fn a_server_stream_dropped_unread_releases_its_call() {
     })
     .await;
 }
+
+/// The balancer over tonic `Channel`s, and the generated client over it, are `Send + Sync`:
+/// they fit an axum `State`, an `Arc` or a `BoxCloneSyncService` as they are.
+#[test]
+fn the_balanced_client_is_send_and_sync() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<EchoBalance>();
+    send_sync::<tower_lb_grpc_example::pb::echo_client::EchoClient<EchoBalance>>();
+}

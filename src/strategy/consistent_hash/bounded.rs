@@ -2,15 +2,20 @@
 //! request only if that keeps it within `factor ×` its weighted share of everything in
 //! flight; otherwise the next candidate does.
 //!
-//! The total in flight is estimated per balancer clone (see [`LoadEstimate`]) so a pick costs
-//! O(1) atomic loads rather than a sum over every endpoint.
+//! The total in flight is estimated once per picker and shared by every clone of the
+//! balancer (see [`LoadEstimate`]), so a pick costs O(1) atomic loads rather than a sum over
+//! every endpoint, and a new clone — one per request, in axum — starts from what every other
+//! clone has seen rather than from nothing.
+
+use std::iter;
 
 use super::Endpoints;
 use crate::error::ConfigError;
-use crate::strategy::PickContext;
+use crate::sync::{AtomicU64, Ordering};
 
-/// Endpoint counts re-read per pick to keep a clone's estimate of the total fresh.
-const REFRESH_PER_PICK: usize = 8;
+/// Endpoint counts re-read per pick (by whichever clone picks) to keep the shared estimate of
+/// the total fresh.
+const REFRESH_PER_PICK: u64 = 8;
 
 /// The largest accepted factor; beyond it the bound would never apply.
 const MAX_FACTOR: f64 = 1000.0;
@@ -47,6 +52,7 @@ pub(super) struct BoundedLoad {
     weights: Box<[u32]>,
     /// 1000 × the total weight: the denominator of every bound.
     scale: u128,
+    estimate: LoadEstimate,
 }
 
 impl BoundedLoad {
@@ -57,6 +63,7 @@ impl BoundedLoad {
             factor_milli: u128::from(factor_milli),
             weights,
             scale: 1000 * total_weight,
+            estimate: LoadEstimate::new(endpoints),
         }
     }
 
@@ -75,7 +82,6 @@ impl BoundedLoad {
     pub(super) fn choose(
         &self,
         endpoints: &Endpoints<'_>,
-        cx: &mut PickContext<'_>,
         mut candidates: impl Iterator<Item = usize>,
     ) -> Option<usize> {
         let n = endpoints.len();
@@ -87,27 +93,24 @@ impl BoundedLoad {
         if load == 0 {
             // An idle endpoint always has room. Not counting this dispatch in the estimate
             // only makes the estimated total low until the endpoint is next read, which makes
-            // bounds stricter, never looser.
+            // bounds stricter, never looser; and it keeps the common case free of shared
+            // writes.
             return Some(primary);
         }
-        let candidates = std::iter::once(primary).chain(candidates);
-        let estimate = cx.local(|| LoadEstimate::new(n));
-        if estimate.loads.len() != n {
-            *estimate = LoadEstimate::new(n);
-        }
+        let estimate = &self.estimate;
         estimate.refresh(endpoints);
+        let total = estimate.total();
         let epoch = estimate.next_epoch();
         let mut least: Option<(usize, u64)> = None;
         let mut considered = 0;
         let mut chosen = None;
-        for candidate in candidates {
-            if estimate.considered[candidate] == epoch {
+        for candidate in iter::once(primary).chain(candidates) {
+            if !estimate.consider(candidate, epoch) {
                 continue;
             }
-            estimate.considered[candidate] = epoch;
             let load = endpoints.get(candidate).in_flight();
             estimate.observe(candidate, load);
-            if self.has_room(candidate, load, estimate.total) {
+            if self.has_room(candidate, load, total) {
                 chosen = Some(candidate);
                 break;
             }
@@ -129,62 +132,76 @@ impl BoundedLoad {
     }
 }
 
-/// One balancer clone's view of the endpoints' in-flight counts (private to the clone and
-/// the picker, through [`PickContext::local`]).
+/// The endpoints' in-flight counts as the picks of every clone have seen them, and their sum.
 ///
-/// Each pick re-reads [`REFRESH_PER_PICK`] counts in rotation and every candidate it
-/// considers, and adds its own dispatch at once, so the total is exact for one clone's
-/// requests while nothing completes, and catches up with completions and other clones within
-/// `n / REFRESH_PER_PICK` picks.
+/// It starts exact (read when the picker is built, off the request path). Each pick that has
+/// to look beyond an idle endpoint re-reads [`REFRESH_PER_PICK`] counts in rotation and every
+/// candidate it considers, and adds its own dispatch at once; so the total is exact while
+/// nothing completes, and catches up with completions within `n / REFRESH_PER_PICK` such
+/// picks. Concurrent updates keep the sum right: each replaces a count with a swap and adds
+/// the difference to the total.
 struct LoadEstimate {
-    loads: Box<[u64]>,
-    total: u64,
+    loads: Box<[AtomicU64]>,
+    total: AtomicU64,
     /// The next endpoint to re-read.
-    cursor: usize,
-    /// `considered[i] == epoch` when endpoint `i` was considered in the current pick.
-    considered: Box<[u32]>,
-    epoch: u32,
+    cursor: AtomicU64,
+    /// `considered[i] == epoch` when endpoint `i` was considered in the pick of `epoch`.
+    considered: Box<[AtomicU64]>,
+    /// The last epoch handed out; each pick takes a new one, so marks need no clearing.
+    epoch: AtomicU64,
 }
 
 impl LoadEstimate {
-    fn new(n: usize) -> Self {
+    fn new(endpoints: &Endpoints<'_>) -> Self {
+        let loads: Box<[AtomicU64]> = endpoints
+            .iter()
+            .map(|e| AtomicU64::new(e.in_flight()))
+            .collect();
+        let total = loads.iter().map(|l| l.load(Ordering::Relaxed)).sum();
         Self {
-            loads: vec![0; n].into_boxed_slice(),
-            total: 0,
-            cursor: 0,
-            considered: vec![0; n].into_boxed_slice(),
-            epoch: 0,
+            considered: endpoints.iter().map(|_| AtomicU64::new(0)).collect(),
+            loads,
+            total: AtomicU64::new(total),
+            cursor: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    fn refresh(&mut self, endpoints: &Endpoints<'_>) {
-        let n = self.loads.len();
-        for _ in 0..REFRESH_PER_PICK.min(n) {
-            let endpoint = self.cursor;
-            self.cursor = if endpoint + 1 == n { 0 } else { endpoint + 1 };
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn refresh(&self, endpoints: &Endpoints<'_>) {
+        let n = self.loads.len() as u64;
+        let first = self.cursor.fetch_add(REFRESH_PER_PICK, Ordering::Relaxed);
+        for k in 0..REFRESH_PER_PICK.min(n) {
+            let endpoint = (first.wrapping_add(k) % n) as usize;
             self.observe(endpoint, endpoints.get(endpoint).in_flight());
         }
     }
 
-    fn observe(&mut self, endpoint: usize, load: u64) {
-        // `total` is the sum of `loads`, so it never goes below the part being replaced.
-        self.total = self.total - self.loads[endpoint] + load;
-        self.loads[endpoint] = load;
-    }
-
-    fn dispatched(&mut self, endpoint: usize) {
-        self.loads[endpoint] += 1;
-        self.total += 1;
-    }
-
-    /// Starts a pick: a new mark for "considered", so the marks need no clearing.
-    fn next_epoch(&mut self) -> u32 {
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            self.considered.fill(0);
-            self.epoch = 1;
+    fn observe(&self, endpoint: usize, load: u64) {
+        let slot = &self.loads[endpoint];
+        if slot.load(Ordering::Relaxed) != load {
+            let before = slot.swap(load, Ordering::Relaxed);
+            self.total
+                .fetch_add(load.wrapping_sub(before), Ordering::Relaxed);
         }
-        self.epoch
+    }
+
+    fn dispatched(&self, endpoint: usize) {
+        self.loads[endpoint].fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Marks `endpoint` as considered in this pick; `false` if it already was. A concurrent
+    /// pick may overwrite the mark, which at worst makes this one look at an endpoint twice.
+    fn consider(&self, endpoint: usize, epoch: u64) -> bool {
+        self.considered[endpoint].swap(epoch, Ordering::Relaxed) != epoch
     }
 }
 
@@ -314,20 +331,8 @@ mod tests {
             .iter()
             .map(|&i| handles[i].dispatch())
             .collect();
-        let mut local = LocalState::new();
-        let mut cx = PickContext {
-            local: &mut local,
-            key_hash: None,
-            now: 0,
-        };
         let endpoints = Endpoints::new(&handles);
-        assert_eq!(
-            bound.choose(&endpoints, &mut cx, [0, 1].into_iter()),
-            Some(1)
-        );
-        assert_eq!(
-            bound.choose(&endpoints, &mut cx, [0, 1, 2].into_iter()),
-            Some(2)
-        );
+        assert_eq!(bound.choose(&endpoints, [0, 1].into_iter()), Some(1));
+        assert_eq!(bound.choose(&endpoints, [0, 1, 2].into_iter()), Some(2));
     }
 }

@@ -353,6 +353,8 @@ impl Strategy for ConsistentHash {
 }
 
 impl Picker for ConsistentHashPicker {
+    type Local = ();
+
     #[inline]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         let hash = match cx.key_hash() {
@@ -368,11 +370,11 @@ impl Picker for ConsistentHashPicker {
             (Table::Ring(ring), None) => ring.get(hash),
             (Table::Maglev(table), Some(bounded)) => {
                 let slot = table.slot(hash)?;
-                bounded.choose(endpoints, cx, table.slots_from(slot))
+                bounded.choose(endpoints, table.slots_from(slot))
             }
             (Table::Ring(ring), Some(bounded)) => {
                 let position = ring.position(hash)?;
-                bounded.choose(endpoints, cx, ring.clockwise_from(position))
+                bounded.choose(endpoints, ring.clockwise_from(position))
             }
         }
     }
@@ -396,7 +398,7 @@ impl ConsistentHashPicker {
         let start = (*cursor % n as u64) as usize;
         match &self.bounded {
             None => Some(start),
-            Some(bounded) => bounded.choose(endpoints, cx, (0..n).map(|k| (start + k) % n)),
+            Some(bounded) => bounded.choose(endpoints, (0..n).map(|k| (start + k) % n)),
         }
     }
 }
@@ -464,11 +466,9 @@ pub(crate) mod test_support {
         key_hash: Option<u64>,
         local: &mut LocalState,
     ) -> Option<usize> {
-        let mut cx = PickContext {
-            local,
-            key_hash,
-            now: 0,
-        };
+        let mut unit = ();
+        let mut cx = PickContext::new(local, &mut unit);
+        cx.key_hash = key_hash;
         picker.pick(&Endpoints::new(handles), &mut cx)
     }
 
