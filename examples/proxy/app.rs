@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -380,25 +380,10 @@ pub(crate) const MAX_RESPONSE_HEADERS: usize = 256;
 
 type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Upstream>, BoxError>> + Send>>;
 
-/// The balancer. `Swappable` lets the strategy be chosen at run time (from the command line)
-/// behind one type; it costs one virtual call per pick.
+/// The balancer, the one place its type is spelled out. `Swappable` lets the strategy be
+/// chosen at run time (from the command line) behind one type; it costs one virtual call per
+/// pick. It is `Send + Sync`, so axum's `State` holds it as it is, and every request clones it.
 pub(crate) type Balancer = Balance<Endpoints, Swappable, HashOn, TrackBody>;
-
-/// The balancer every request clones, as an axum handler clones the services in its state.
-///
-/// `Balance` is not `Sync` yet, so axum's `State` cannot hold it as it is: it sits behind a
-/// mutex held only for the clone. Once `Balance` is `Sync`, this becomes the balancer itself.
-pub(crate) struct SharedBalancer(Mutex<Balancer>);
-
-impl SharedBalancer {
-    /// A fresh clone for one request.
-    pub(crate) fn get(&self) -> Balancer {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
 
 /// Builds the balancer over the configured backends, behind active health checks if
 /// configured; returns it with the health checks' view of the backends.
@@ -493,7 +478,7 @@ pub(crate) fn build_app(config: &Config) -> Result<App, ConfigError> {
     };
     let trusted = config.trusted_proxies.iter().map(|net| net.to_string());
     let forwarder = Forwarder {
-        balancer: SharedBalancer(Mutex::new(balance)),
+        balancer: balance,
         trusted: config.trusted_proxies.clone().into(),
         client_ip: ClientIp::new().trust_proxies(trusted)?,
         body_timeout: config.body_timeout,

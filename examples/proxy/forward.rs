@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::{BoxError, ServiceExt};
 use tower_lb::http::{ClientIp, PeerAddr, TrackedBody};
 
-use crate::app::SharedBalancer;
+use crate::app::Balancer;
 use crate::body::{ClientFault, ClientSide, DownstreamBody, RequestBody, UpstreamBody};
 use crate::server::{reached, Lifecycle, Phase};
 use crate::upstream::{Failure, UpstreamError};
@@ -31,7 +31,8 @@ use crate::upstream::{Failure, UpstreamError};
 /// What the handler needs: the balancer, whom to trust, the timeouts it applies itself, and
 /// the server's lifecycle (tunnels follow it).
 pub(crate) struct Forwarder {
-    pub(crate) balancer: SharedBalancer,
+    /// Cloned for every request, as an axum handler clones the services in its state.
+    pub(crate) balancer: Balancer,
     /// Peers whose forwarding headers are believed.
     pub(crate) trusted: Arc<[IpNet]>,
     /// Finds the client behind trusted proxies (for hashing by client IP).
@@ -158,7 +159,7 @@ async fn send(
     request: Request<RequestBody>,
     client: Option<&ClientSide>,
 ) -> Result<BackendResponse, Outcome> {
-    let call = proxy.balancer.get().oneshot(request);
+    let call = proxy.balancer.clone().oneshot(request);
     let Some(client) = client else {
         return call.await.map_err(Outcome::Backend);
     };
