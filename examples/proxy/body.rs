@@ -179,6 +179,14 @@ impl RequestBody {
         }
     }
 
+    /// The body `client` holds (none for a request without a body).
+    pub(crate) fn for_client(client: Option<&Arc<ClientSide>>, timeout: Duration) -> Self {
+        match client {
+            Some(client) => Self::new(client.clone(), timeout),
+            None => Self::empty(),
+        }
+    }
+
     /// The body `client` holds, failing if the client pauses longer than `timeout`.
     pub(crate) fn new(client: Arc<ClientSide>, timeout: Duration) -> Self {
         Self {

@@ -95,39 +95,19 @@ pub(crate) async fn forward(State(proxy): State<Arc<Forwarder>>, mut request: Re
 
     let (parts, body) = request.into_parts();
     let client = (!body.is_end_stream()).then(|| ClientSide::new(body));
-    // Kept for a second try, in case no connection can be made for the first.
-    let head = (
-        parts.method.clone(),
-        parts.uri.clone(),
-        parts.headers.clone(),
-    );
-    let body = match &client {
-        Some(client) => RequestBody::new(client.clone(), proxy.body_timeout),
-        None => RequestBody::empty(),
+    let replay = Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+        client_addr,
     };
+    let body = RequestBody::for_client(client.as_ref(), proxy.body_timeout);
     let mut result = send(&proxy, Request::from_parts(parts, body), client.as_deref()).await;
-
     if let Err(Outcome::Backend(error)) = &result {
-        let unread = client.as_ref().is_none_or(|client| client.is_unread());
-        if let (Some(refused), true) = (error.downcast_ref::<UpstreamError>(), unread) {
-            if matches!(refused.failure, Failure::Connect(_)) {
-                tracing::warn!(error = %chain(&**error), "trying another backend");
-                let (method, uri, headers) = head;
-                let body = match &client {
-                    Some(client) => RequestBody::new(client.clone(), proxy.body_timeout),
-                    None => RequestBody::empty(),
-                };
-                let mut retry = Request::new(body);
-                *retry.method_mut() = method;
-                *retry.uri_mut() = uri;
-                *retry.version_mut() = Version::HTTP_11;
-                *retry.headers_mut() = headers;
-                retry.extensions_mut().insert(Retrying);
-                if let Some(client_addr) = client_addr {
-                    retry.extensions_mut().insert(PeerAddr(client_addr));
-                }
-                result = send(&proxy, retry, client.as_deref()).await;
-            }
+        if nothing_was_sent(&**error, client.as_deref()) {
+            tracing::warn!(error = %chain(&**error), "trying another backend");
+            let body = RequestBody::for_client(client.as_ref(), proxy.body_timeout);
+            result = send(&proxy, replay.request(body), client.as_deref()).await;
         }
     }
 
@@ -149,6 +129,46 @@ pub(crate) async fn forward(State(proxy): State<Arc<Forwarder>>, mut request: Re
         Err(Outcome::Client(fault)) => client_fault(fault, peer),
         Err(Outcome::Backend(error)) => backend_failure(&*error, client.as_deref(), peer),
     }
+}
+
+/// What is kept of a request for a second try, in case no connection can be made for the first.
+struct Replay {
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+    client_addr: Option<std::net::SocketAddr>,
+}
+
+impl Replay {
+    /// The request again, marked as a second try.
+    fn request(self, body: RequestBody) -> Request<RequestBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers;
+        request.extensions_mut().insert(Retrying);
+        if let Some(client_addr) = self.client_addr {
+            request.extensions_mut().insert(PeerAddr(client_addr));
+        }
+        request
+    }
+}
+
+/// Whether the backend could not be reached at all (nothing was sent) and the client's body
+/// is still unread: then the request may go to another backend.
+fn nothing_was_sent(
+    error: &(dyn std::error::Error + 'static),
+    client: Option<&ClientSide>,
+) -> bool {
+    let refused = matches!(
+        error.downcast_ref::<UpstreamError>(),
+        Some(UpstreamError {
+            failure: Failure::Connect(_),
+            ..
+        })
+    );
+    refused && client.is_none_or(ClientSide::is_unread)
 }
 
 /// Sends `request` through a fresh clone of the balancer (as an axum handler would), giving
