@@ -2086,3 +2086,41 @@ async fn a_shutdown_waits_for_an_open_tunnel_until_the_deadline_then_cuts_it() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn hashing_by_a_forwarding_header_sees_it_as_the_client_sent_it() {
+    let backends = [
+        TestBackend::echo("a").await,
+        TestBackend::echo("b").await,
+        TestBackend::echo("c").await,
+    ];
+    let proxy = proxy_with(
+        "nginx-hash-header:x-forwarded-for",
+        backends.iter().map(|b| b.backend()).collect(),
+    )
+    .await;
+    // The same X-Forwarded-For from two client addresses: the proxy appends each client to
+    // the header it forwards, but the key is the header the client sent, so both land on the
+    // same backend.
+    for user in 0..8 {
+        let mut landed = Vec::new();
+        for host in [2u8, 3] {
+            let mut connector = HttpConnector::new();
+            connector.set_local_address(Some(std::net::IpAddr::from([127, 0, 0, host])));
+            let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build(connector);
+            let request = Request::get(proxy.url("/"))
+                .header("x-forwarded-for", format!("198.51.100.{user}"))
+                .body(Body::empty())
+                .unwrap();
+            let response = within("a request", client.request(request)).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let echo = Echo::parse(std::str::from_utf8(&body).unwrap());
+            assert_eq!(
+                echo.header("x-forwarded-for"),
+                [format!("198.51.100.{user}, 127.0.0.{host}")]
+            );
+            landed.push(echo.backend);
+        }
+        assert_eq!(landed[0], landed[1], "user {user}");
+    }
+}

@@ -140,9 +140,15 @@ http {
 CONF
     "$NGINX" -p "$TMP" -c "$TMP/nginx.conf"
     wait_port $NGINX_PORT
-    local master
+    local master workers=""
     master=$(cat "$TMP/nginx.pid")
-    SERVER_PIDS="$master $(pgrep -P "$master" | tr '\n' ' ')"
+    # The workers may not be forked yet on a busy machine.
+    for _ in $(seq 1 100); do
+        workers=$(pgrep -P "$master" | tr '\n' ' ' || true)
+        [ "$(echo "$workers" | wc -w)" -ge 2 ] && break
+        sleep 0.05
+    done
+    SERVER_PIDS="$master $workers"
 }
 
 stop_nginx() {

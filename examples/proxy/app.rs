@@ -345,6 +345,19 @@ impl HashOn {
     }
 }
 
+impl HashOn {
+    /// Believes forwarding headers from `trusted` peers when hashing by client IP.
+    fn trusting(&self, trusted: &[IpNet]) -> Result<Self, ConfigError> {
+        match self {
+            HashOn::ClientIp(_) if !trusted.is_empty() => {
+                let networks = trusted.iter().map(|net| net.to_string());
+                Ok(HashOn::ClientIp(ClientIp::new().trust_proxies(networks)?))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+}
+
 impl<B> RequestKey<axum::http::Request<B>> for HashOn {
     fn hash_key(&self, request: &axum::http::Request<B>, hasher: &mut KeyHasher) -> bool {
         if request.extensions().get::<Retrying>().is_some() {
@@ -429,8 +442,7 @@ fn build_balancer(
     };
 
     let balance = BalanceLayer::new(config.strategy.strategy())
-        // Hashing by client IP reads the client the handler resolved (through trusted proxies).
-        .key(config.strategy.hash_on.clone())
+        .key(config.strategy.hash_on.trusting(&config.trusted_proxies)?)
         .weigh_with(weigh)
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
@@ -476,11 +488,9 @@ pub(crate) fn build_app(config: &Config) -> Result<App, ConfigError> {
         backends: config.backends.iter().map(|b| b.addr).collect(),
         strategy: config.strategy.name().into(),
     };
-    let trusted = config.trusted_proxies.iter().map(|net| net.to_string());
     let forwarder = Forwarder {
         balancer: balance,
         trusted: config.trusted_proxies.clone().into(),
-        client_ip: ClientIp::new().trust_proxies(trusted)?,
         body_timeout: config.body_timeout,
         tunnel_idle_timeout: config.tunnel_idle_timeout,
         lifecycle: lifecycle.clone(),

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::{BoxError, ServiceExt};
-use tower_lb::http::{ClientIp, PeerAddr, TrackedBody};
+use tower_lb::http::{PeerAddr, TrackedBody};
 
 use crate::app::Balancer;
 use crate::body::{ClientFault, ClientSide, DownstreamBody, RequestBody, UpstreamBody};
@@ -35,8 +35,6 @@ pub(crate) struct Forwarder {
     pub(crate) balancer: Balancer,
     /// Peers whose forwarding headers are believed.
     pub(crate) trusted: Arc<[IpNet]>,
-    /// Finds the client behind trusted proxies (for hashing by client IP).
-    pub(crate) client_ip: ClientIp,
     pub(crate) body_timeout: Duration,
     /// A tunnel through which nothing passed for this long is closed.
     pub(crate) tunnel_idle_timeout: Duration,
@@ -46,6 +44,29 @@ pub(crate) struct Forwarder {
 impl Forwarder {
     fn is_trusted(&self, peer: Option<IpAddr>) -> bool {
         peer.is_some_and(|ip| self.trusted.iter().any(|net| net.contains(&ip)))
+    }
+}
+
+/// How to rewrite a request's headers for the backend, once it is picked: who the client is,
+/// whether its forwarding headers are believed, and the protocol it asked to switch to.
+#[derive(Clone, Debug)]
+pub(crate) struct Forwarding {
+    pub(crate) client: Option<IpAddr>,
+    pub(crate) trusted: bool,
+    pub(crate) upgrade: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    /// Prepares `request` for the backend; see [`rewrite_request_headers`].
+    pub(crate) fn apply<B>(&self, request: &mut http::Request<B>) {
+        rewrite_request_headers(
+            request.headers_mut(),
+            self.client,
+            self.trusted,
+            self.upgrade.as_ref(),
+        );
+        // The backend connection is HTTP/1.1 whatever the client spoke.
+        *request.version_mut() = Version::HTTP_11;
     }
 }
 
@@ -73,24 +94,13 @@ pub(crate) async fn forward(State(proxy): State<Arc<Forwarder>>, mut request: Re
         return plain(StatusCode::BAD_REQUEST, "400 Bad Request\n");
     }
     let upgrade = requested_upgrade(request.headers(), request.version());
-    let trusted = proxy.is_trusted(peer.map(|p| p.ip()));
-    // The client as the request arrived (behind trusted proxies, the one they name): hashing
-    // by client IP reads it, after this proxy has added itself to the forwarding headers.
-    let client_addr = peer.map(|peer| {
-        let ip = proxy.client_ip.client_ip(&request).unwrap_or(peer.ip());
-        std::net::SocketAddr::new(ip, peer.port())
+    // The headers are rewritten for the backend after the balancer has picked it, so that
+    // hashing sees them as the client sent them (as nginx's $http_x_forwarded_for does).
+    request.extensions_mut().insert(Forwarding {
+        client: peer.map(|p| p.ip()),
+        trusted: proxy.is_trusted(peer.map(|p| p.ip())),
+        upgrade: upgrade.clone(),
     });
-    rewrite_request_headers(
-        request.headers_mut(),
-        peer.map(|p| p.ip()),
-        trusted,
-        upgrade.as_ref(),
-    );
-    if let Some(client_addr) = client_addr {
-        request.extensions_mut().insert(PeerAddr(client_addr));
-    }
-    // The backend connection is HTTP/1.1 whatever the client spoke.
-    *request.version_mut() = Version::HTTP_11;
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
     let (parts, body) = request.into_parts();
@@ -99,7 +109,8 @@ pub(crate) async fn forward(State(proxy): State<Arc<Forwarder>>, mut request: Re
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
-        client_addr,
+        peer,
+        forwarding: parts.extensions.get::<Forwarding>().cloned(),
     };
     let body = RequestBody::for_client(client.as_ref(), proxy.body_timeout);
     let mut result = send(&proxy, Request::from_parts(parts, body), client.as_deref()).await;
@@ -136,7 +147,8 @@ struct Replay {
     method: Method,
     uri: http::Uri,
     headers: HeaderMap,
-    client_addr: Option<std::net::SocketAddr>,
+    peer: Option<std::net::SocketAddr>,
+    forwarding: Option<Forwarding>,
 }
 
 impl Replay {
@@ -145,11 +157,13 @@ impl Replay {
         let mut request = Request::new(body);
         *request.method_mut() = self.method;
         *request.uri_mut() = self.uri;
-        *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = self.headers;
         request.extensions_mut().insert(Retrying);
-        if let Some(client_addr) = self.client_addr {
-            request.extensions_mut().insert(PeerAddr(client_addr));
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(PeerAddr(peer));
+        }
+        if let Some(forwarding) = self.forwarding {
+            request.extensions_mut().insert(forwarding);
         }
         request
     }

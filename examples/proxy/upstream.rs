@@ -14,9 +14,11 @@ use tower::Service;
 use tower_lb::http::HttpEndpoint;
 
 use crate::body::{RequestBody, UpstreamBody};
+use crate::forward::Forwarding;
 
-/// One backend: requests go to its address over the shared pooled client; the response head
-/// must come within `timeout`, and then each part of the body.
+/// One backend: requests go to its address over the shared pooled client, their headers
+/// rewritten for it (the request's [`Forwarding`]); the response head must come within
+/// `timeout`, and then each part of the body.
 ///
 /// A timeout or a failure is an error of this service, so the balancer counts it against the
 /// backend (outlier detection, failure-aware picks).
@@ -92,7 +94,10 @@ impl Service<Request<RequestBody>> for Upstream {
         })
     }
 
-    fn call(&mut self, request: Request<RequestBody>) -> UpstreamFuture {
+    fn call(&mut self, mut request: Request<RequestBody>) -> UpstreamFuture {
+        if let Some(forwarding) = request.extensions_mut().remove::<Forwarding>() {
+            forwarding.apply(&mut request);
+        }
         UpstreamFuture {
             inner: tokio::time::timeout(self.timeout, self.inner.call(request)),
             backend: self.addr,
