@@ -53,7 +53,7 @@ Timeouts (DURATION: 500ms, 30s, 2m; a bare number is seconds):
   --shutdown-timeout D       on SIGTERM/SIGINT, how long requests in progress may take to
                              finish before they are cut (default {shutdown})
 
-Limits:
+Limits and the backend pool:
   --max-header-size SIZE     the largest request head, 431 above it (default {size} KiB,
                              at least 8 KiB; SIZE: bytes, or 16k, 1m)
   --upstream-idle-timeout D  how long an idle connection to a backend is kept (default {pool_idle})
