@@ -58,7 +58,7 @@ use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover, PendingRequestsDiscover};
 use tower::{Layer, Service, ServiceExt};
 use tower_lb::discover::{self, Fixed};
-use tower_lb::{Balance, BalanceLayer, RoundRobin};
+use tower_lb::{strategy::RoundRobin, Balance, BalanceLayer};
 
 #[path = "overhead/clones.rs"]
 mod clones;
@@ -136,7 +136,7 @@ impl Service<u64> for Direct {
     }
 }
 
-type TowerLb = Balance<Fixed<usize, Noop>, RoundRobin>;
+type TowerLb = Balance<usize, Noop, RoundRobin>;
 type P2cPending =
     p2c::Balance<PendingRequestsDiscover<Fixed<usize, Noop>, CompleteOnResponse>, u64>;
 type P2cPeakEwma = p2c::Balance<PeakEwmaDiscover<Fixed<usize, Noop>, CompleteOnResponse>, u64>;

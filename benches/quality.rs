@@ -40,7 +40,7 @@ use sim::Scenario;
 /// The balancers under test. Adding one is one line.
 fn contenders() -> Vec<(&'static str, MakeBalancer)> {
     vec![
-        ("round-robin", ours(tower_lb::RoundRobin::new())),
+        ("round-robin", ours(tower_lb::strategy::RoundRobin::new())),
         // ---- Strategies landing from their own branches: uncomment when merged. ----
         (
             "weighted-rr",

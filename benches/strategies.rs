@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 use tower_lb::strategy::{BoxStrategy, PowerOfTwoChoices};
 use tower_lb::{
-    discover, key_fn, BalanceLayer, ConsistentHash, LeastConnections, Random, RoundRobin, Weight,
-    Weighted, WeightedRoundRobin,
+    discover,
+    key::key_fn,
+    strategy::{ConsistentHash, LeastConnections, Random, RoundRobin, WeightedRoundRobin},
+    weight::{Weight, Weighted},
+    BalanceLayer,
 };
 
 #[derive(Clone, Copy)]

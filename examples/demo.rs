@@ -28,8 +28,11 @@ use tokio::sync::Semaphore;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::strategy::{BoxStrategy, PowerOfTwoChoices};
 use tower_lb::{
-    discover, key_fn, BalanceLayer, ConsistentHash, LeastConnections, Random, RoundRobin, Weight,
-    Weighted, WeightedRoundRobin,
+    discover,
+    key::key_fn,
+    strategy::{ConsistentHash, LeastConnections, Random, RoundRobin, WeightedRoundRobin},
+    weight::{Weight, Weighted},
+    BalanceLayer,
 };
 
 /// A backend: how long a request takes, how many it serves at once, and its weight.

@@ -11,7 +11,7 @@ use std::fmt;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use tower::{service_fn, BoxError, ServiceExt};
-/// use tower_lb::{discover, Balance, Error, RoundRobin};
+/// use tower_lb::{discover, strategy::RoundRobin, Balance, Error};
 ///
 /// // A balancer over an empty endpoint set fails at once instead of hanging.
 /// let (_handle, source) = discover::channel::<u32, tower::util::ServiceFn<fn(()) -> std::future::Ready<Result<(), BoxError>>>>();
@@ -34,7 +34,7 @@ pub enum Error {
     /// background discovery task could not be started.
     NoRuntime,
     /// A keyed strategy (consistent hashing) got a request without a key (see
-    /// [`RequestKey`](crate::RequestKey)) and its fallback is to fail.
+    /// [`RequestKey`](crate::key::RequestKey)) and its fallback is to fail.
     MissingKey,
     /// A handle named an endpoint the balancer does not have.
     UnknownEndpoint,
@@ -75,7 +75,7 @@ impl std::error::Error for Error {}
 ///
 /// ```
 /// use tower_lb::BalanceLayer;
-/// use tower_lb::RoundRobin;
+/// use tower_lb::strategy::RoundRobin;
 ///
 /// let err = BalanceLayer::new(RoundRobin::new())
 ///     .wait_for_endpoints(std::time::Duration::MAX)

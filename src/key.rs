@@ -17,7 +17,7 @@ use std::fmt;
 /// Closures work through [`key_fn`]:
 ///
 /// ```
-/// use tower_lb::{key_fn, BalanceLayer, RoundRobin};
+/// use tower_lb::{key::key_fn, strategy::RoundRobin, BalanceLayer};
 ///
 /// // Requests are strings; hash everything before the first '/'.
 /// let layer = BalanceLayer::new(RoundRobin::new())
@@ -31,10 +31,41 @@ pub trait RequestKey<Req>: Send + Sync + 'static {
 }
 
 /// No request key: the default, for strategies that ignore the request.
+///
+/// It is not a [`RequestKey`]: a balancer whose strategy always picks by key
+/// ([`Strategy::KEYED`](crate::strategy::Strategy::KEYED), consistent hashing) and has no key
+/// does not compile — the error says to give the `BalanceLayer` a key with `.key(...)`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoKey;
 
-impl<Req> RequestKey<Req> for NoKey {
+/// A [`RequestKey`] a balancer keys requests with: what
+/// [`BalanceLayer::key`](crate::BalanceLayer::key) makes of the key it is given, and the type
+/// a `Balance` names it by (`Balance<K, S, St, Keyed<HeaderKey>>`, say).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Keyed<K>(pub K);
+
+/// What a balancer keys requests with: [`Keyed`] (a [`RequestKey`]), or [`NoKey`].
+/// Implemented for both; there is nothing to implement yourself.
+pub trait MaybeKey<Req>: Send + Sync + 'static {
+    /// Whether this is [`NoKey`].
+    const NONE: bool;
+
+    /// As [`RequestKey::hash_key`]; `false` for [`NoKey`].
+    fn hash_key(&self, request: &Req, hasher: &mut KeyHasher) -> bool;
+}
+
+impl<Req, K: RequestKey<Req>> MaybeKey<Req> for Keyed<K> {
+    const NONE: bool = false;
+
+    #[inline]
+    fn hash_key(&self, request: &Req, hasher: &mut KeyHasher) -> bool {
+        self.0.hash_key(request, hasher)
+    }
+}
+
+impl<Req> MaybeKey<Req> for NoKey {
+    const NONE: bool = true;
+
     #[inline]
     fn hash_key(&self, _: &Req, _: &mut KeyHasher) -> bool {
         false

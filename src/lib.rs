@@ -8,7 +8,7 @@
 //! use std::convert::Infallible;
 //! use std::time::Duration;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_lb::{discover, BalanceLayer, RoundRobin};
+//! use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower::BoxError> {
@@ -35,18 +35,18 @@
 //! # Strategies
 //!
 //! All implement [`strategy::Strategy`]; swapping one for another changes no caller code, and
-//! [`Swappable`] swaps them on a running balancer.
+//! [`Swappable`](crate::strategy::Swappable) swaps them on a running balancer.
 //!
 //! | strategy | picks | where | cost per pick |
 //! |---|---|---|---|
-//! | [`RoundRobin`] | each endpoint in turn | `poll_ready` | O(1) |
-//! | [`WeightedRoundRobin`] | smooth weighted rotation (3:1:1 → `a b a c a`), exact shares per cycle | `poll_ready` | O(1) (precomputed cycle ≤ 2^18), else O(log n) per clone |
-//! | [`LeastConnections`] | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
-//! | [`PowerOfTwoChoices`] | the less loaded of two distinct weighted samples; load = in-flight or PeakEWMA latency × (in-flight + 1) | `poll_ready` | O(1) |
-//! | [`ConsistentHash`] | by request key: ring (Ketama, or nginx-compatible), Maglev; optional bounded loads | `call` | O(log n) ring, O(1) Maglev |
-//! | [`Random`] | uniform or weighted (alias table) | `poll_ready` | O(1) |
+//! | [`RoundRobin`](crate::strategy::RoundRobin) | each endpoint in turn | `poll_ready` | O(1) |
+//! | [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin) | smooth weighted rotation (3:1:1 → `a b a c a`), exact shares per cycle | `poll_ready` | O(1) (precomputed cycle ≤ 2^18), else O(log n) per clone |
+//! | [`LeastConnections`](crate::strategy::LeastConnections) | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
+//! | [`PowerOfTwoChoices`](crate::strategy::PowerOfTwoChoices) | the less loaded of two distinct weighted samples; load = in-flight or PeakEWMA latency × (in-flight + 1) | `poll_ready` | O(1) |
+//! | [`ConsistentHash`](crate::strategy::ConsistentHash) | by request key: ring (Ketama, or nginx-compatible), Maglev; optional bounded loads | `call` | O(log n) ring, O(1) Maglev |
+//! | [`Random`](crate::strategy::Random) | uniform or weighted (alias table) | `poll_ready` | O(1) |
 //!
-//! **The recommended default is [`PowerOfTwoChoices::peak_ewma()`]**. No strategy is best
+//! **The recommended default is [`PowerOfTwoChoices::peak_ewma()`](crate::strategy::PowerOfTwoChoices::peak_ewma)**. No strategy is best
 //! everywhere in the virtual-time quality benchmark (`cargo bench --bench quality`: equal
 //! backends at 70% and 90% load, capacities 3:1:1, one backend 10× slower, heavy-tailed costs,
 //! one backend failing fast, one hanging), but this one is never bad: its p99 is within 1–4%
@@ -62,7 +62,9 @@
 //!
 //! - **Discovery** is any [`tower::discover::Discover`] stream of `Change::Insert(key, svc)`
 //!   and `Change::Remove(key)`; [`discover`] has ready-made sources (a fixed list, a runtime
-//!   handle, and [`discover::HealthCheck`], active health checking as a discovery adapter). A
+//!   handle, DNS with the `dns` feature, and [`health::HealthCheck`], active health checking
+//!   as a discovery adapter), and [`discover::connect`] turns a source of addresses into one
+//!   of endpoint services (a tonic `Channel` or hyper client per address), keeping keys. A
 //!   background task on the current tokio runtime applies changes as they come, with or
 //!   without traffic, and ends when the last clone of the balancer is dropped. `Insert` of a
 //!   known key replaces its service and keeps its counters; `Remove` stops new picks at once
@@ -111,9 +113,10 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `http` | [`http`]: request keys (client IP with trusted proxies, header, path, cookie), in-flight until the body ends, 5xx classification, endpoints by address over a pooled hyper-util client, HTTP health probes |
+//! | `http` | [`http`]: request keys (client IP with trusted proxies, header, path, cookie), in-flight until the body ends, 5xx classification, endpoints by address over a pooled hyper-util client or by name pinned to an address (`Host`, `:authority`, SNI kept), HTTP health probes |
 //! | `health-http` | the same as `http` |
 //! | `axum` | `http::ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
+//! | `dns` | [`discover::dns`]: endpoints from A/AAAA and SRV names, re-resolved by TTL (hickory-resolver) |
 //! | `metrics` | `metrics::Exporter`: gauges and counters through the `metrics` facade |
 //!
 //! # Decisions
@@ -142,7 +145,7 @@
 //!   shared counter; shares stay exact per clone.
 //! - An endpoint's in-flight count and its life share one atomic word, so a request costs one
 //!   atomic add to dispatch and one atomic subtract to finish, plus one for the pick counter.
-//! - Weight 0 is rejected ([`Weight::new`]): to stop traffic to an endpoint, remove or drain
+//! - Weight 0 is rejected ([`Weight::new`](crate::weight::Weight::new)): to stop traffic to an endpoint, remove or drain
 //!   it. Weights are 1 to 1,000,000.
 //! - Consistent hashing places endpoints by their identity (the discovery key's `Debug`
 //!   form, e.g. `127.0.0.1:8080`), never by discovery order, so every process agrees.
@@ -156,37 +159,32 @@
 //!   [`Error::NoRuntime`]. Outlier detection, slow start and bounded waits need tokio's timer.
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+// `endpoint` — the hand-counted endpoint cell and its in-flight guard, with loom models beside
+// them — is the only module with `unsafe` code; everywhere else it is a compile error.
+#![deny(unsafe_code)]
 
 mod balance;
 pub mod completion;
+mod control;
 pub mod discover;
+#[allow(unsafe_code)]
 mod endpoint;
 mod error;
 pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
-mod key;
-mod load_index;
+pub mod key;
 #[cfg(feature = "metrics")]
 pub mod metrics;
-mod rng;
 mod stats;
 pub mod strategy;
-mod sync;
-mod table;
+mod util;
 pub mod weight;
 
-pub use balance::{Balance, BalanceHandle, BalanceLayer, Drain, ResponseFuture};
-pub use completion::{CompleteOnResponse, TrackCompletion};
+pub use balance::{Balance, BalanceHandle, BalanceLayer, BoxBalance, ResponseFuture};
 pub use endpoint::InFlightGuard;
 pub use error::{ConfigError, Error};
-pub use key::{key_fn, KeyFn, KeyHasher, NoKey, RequestKey};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
-pub use strategy::{
-    ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random, RoundRobin,
-    Swappable, WeightedRoundRobin,
-};
-pub use weight::{Weight, Weighted};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -25,7 +25,7 @@
 //! # async fn main() {
 //! use std::time::Duration;
 //! use tower::service_fn;
-//! use tower_lb::{discover, metrics::Exporter, Balance, RoundRobin};
+//! use tower_lb::{discover, metrics::Exporter, strategy::RoundRobin, Balance};
 //!
 //! let echo = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
 //! let balance = Balance::new(discover::fixed([("a", echo)]), RoundRobin::new());

@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use tower::{service_fn, Layer};
-//! use tower_lb::{discover, BalanceLayer, RoundRobin, Weight, Weighted};
+//! use tower_lb::{discover, strategy::RoundRobin, weight::{Weight, Weighted}, BalanceLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
@@ -40,9 +40,6 @@
 //! ```
 
 use std::fmt;
-use std::task::{Context, Poll};
-
-use tower_service::Service;
 
 use crate::error::ConfigError;
 
@@ -102,8 +99,10 @@ impl TryFrom<u32> for Weight {
 
 /// An endpoint service with the weight discovery gave it.
 ///
-/// It calls the inner service unchanged; the balancer reads the weight when the endpoint is
-/// inserted (with [`BalanceLayer::weighted`](crate::BalanceLayer::weighted)).
+/// The balancer takes the weight and keeps the inner service when the endpoint is inserted,
+/// with [`BalanceLayer::weighted`](crate::BalanceLayer::weighted). `Weighted` is not a service
+/// itself, so a balancer over `Weighted` services built without `.weighted()` — which would
+/// give every endpoint weight 1 — does not compile.
 #[derive(Clone, Debug)]
 pub struct Weighted<S> {
     service: S,
@@ -132,28 +131,15 @@ impl<S> Weighted<S> {
     }
 }
 
-impl<S: Service<Req>, Req> Service<Req> for Weighted<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.service.poll_ready(cx)
-    }
-
-    #[inline]
-    fn call(&mut self, request: Req) -> S::Future {
-        self.service.call(request)
-    }
-}
-
-/// Gives each inserted endpoint its weight.
+/// Gives each inserted endpoint its weight, and the service the balancer keeps for it.
 ///
-/// Any `Fn(&K, &S) -> Weight` is a `Weigh`.
+/// Any `Fn(&K, &S) -> Weight` is a `Weigh` that keeps the service as it is.
 pub trait Weigh<K, S>: Send + 'static {
-    /// The weight of the endpoint `key` served by `service`.
-    fn weigh(&self, key: &K, service: &S) -> Weight;
+    /// The endpoint service the balancer keeps.
+    type Service;
+
+    /// The weight of the endpoint `key` served by `service`, and the service to keep.
+    fn weigh(&self, key: &K, service: S) -> (Weight, Self::Service);
 }
 
 /// Every endpoint weighs 1: the default.
@@ -161,18 +147,22 @@ pub trait Weigh<K, S>: Send + 'static {
 pub struct Unweighted;
 
 impl<K, S> Weigh<K, S> for Unweighted {
-    fn weigh(&self, _: &K, _: &S) -> Weight {
-        Weight::ONE
+    type Service = S;
+
+    fn weigh(&self, _: &K, service: S) -> (Weight, S) {
+        (Weight::ONE, service)
     }
 }
 
-/// Reads the weight of [`Weighted`] services.
+/// Takes the weight of [`Weighted`] services and keeps the inner service.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FromWeighted;
 
 impl<K, S> Weigh<K, Weighted<S>> for FromWeighted {
-    fn weigh(&self, _: &K, service: &Weighted<S>) -> Weight {
-        service.weight()
+    type Service = S;
+
+    fn weigh(&self, _: &K, service: Weighted<S>) -> (Weight, S) {
+        (service.weight, service.service)
     }
 }
 
@@ -180,8 +170,10 @@ impl<K, S, F> Weigh<K, S> for F
 where
     F: Fn(&K, &S) -> Weight + Send + 'static,
 {
-    fn weigh(&self, key: &K, service: &S) -> Weight {
-        self(key, service)
+    type Service = S;
+
+    fn weigh(&self, key: &K, service: S) -> (Weight, S) {
+        (self(key, &service), service)
     }
 }
 

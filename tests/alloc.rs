@@ -15,8 +15,10 @@ use common::{weighted, Echo};
 use tower::{Layer, Service};
 use tower_lb::strategy::{PowerOfTwoChoices, Strategy};
 use tower_lb::{
-    discover, key_fn, Balance, BalanceLayer, ConsistentHash, LeastConnections, Random, RoundRobin,
-    WeightedRoundRobin,
+    discover,
+    key::key_fn,
+    strategy::{ConsistentHash, LeastConnections, Random, RoundRobin, WeightedRoundRobin},
+    Balance, BalanceLayer,
 };
 
 struct Counting;

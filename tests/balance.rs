@@ -16,7 +16,7 @@ use futures::Stream;
 use tower::discover::Change;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::{discover, Balance, BalanceLayer, EndpointStatus, Error, RoundRobin};
+use tower_lb::{discover, strategy::RoundRobin, Balance, BalanceLayer, EndpointStatus, Error};
 
 type Boxed = BoxCloneSyncService<(), usize, BoxError>;
 

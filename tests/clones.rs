@@ -15,7 +15,11 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::health::OutlierDetection;
 use tower_lb::{
-    discover, key_fn, Balance, BalanceLayer, ConsistentHash, Error, RoundRobin, Weight,
+    discover,
+    key::key_fn,
+    strategy::{ConsistentHash, RoundRobin},
+    weight::Weight,
+    Balance, BalanceLayer, Error,
 };
 use tower_test::mock;
 
@@ -207,7 +211,7 @@ async fn an_axum_handler_clones_the_balancer_from_state_per_request() {
     use axum::extract::State;
     use axum::routing::get;
 
-    type Client = Balance<discover::Fixed<usize, Echo>, RoundRobin>;
+    type Client = Balance<usize, Echo, RoundRobin>;
 
     async fn handler(State(client): State<Client>) -> String {
         let id = client.clone().oneshot(()).await.unwrap();
@@ -256,7 +260,7 @@ type MockHandle = mock::Handle<(), usize>;
 /// A balancer over mock endpoints `a` and `b` from a channel, the discovery handle, and the
 /// mocks' handles.
 async fn two_mocks() -> (
-    Balance<discover::ChannelDiscover<&'static str, Mock>, RoundRobin>,
+    Balance<&'static str, Mock, RoundRobin>,
     discover::DiscoverHandle<&'static str, Mock>,
     MockHandle,
     MockHandle,

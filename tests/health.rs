@@ -13,10 +13,11 @@ use common::Echo;
 use futures::StreamExt;
 use tokio::time::Instant;
 use tower::discover::Change;
-use tower_lb::discover::{
-    self, probe_fn, HealthCheck, HealthCheckBuilder, InitialHealth, Probe, ProbeErrorKind,
+use tower_lb::{
+    discover,
+    health::{probe_fn, HealthCheck, HealthCheckBuilder, InitialHealth, Probe, ProbeErrorKind},
 };
-use tower_lb::{Balance, RoundRobin};
+use tower_lb::{strategy::RoundRobin, Balance};
 
 type Key = &'static str;
 
@@ -504,7 +505,10 @@ mod loopback {
     use tokio::net::{TcpListener, TcpSocket};
     use tokio::task::JoinSet;
     use tokio::time::Instant;
-    use tower_lb::discover::{self, HealthCheckBuilder, InitialHealth, ProbeErrorKind, TcpProbe};
+    use tower_lb::{
+        discover,
+        health::{HealthCheckBuilder, InitialHealth, ProbeErrorKind, TcpProbe},
+    };
 
     /// Polls `condition` every 5 ms until it holds; fails the test after 5 s.
     pub(super) async fn eventually(what: &str, mut condition: impl FnMut() -> bool) -> Instant {
@@ -632,9 +636,13 @@ mod http_probe {
     use hyper_util::rt::TokioExecutor;
     use tokio::time::Instant;
     use tower::{Service, ServiceExt};
-    use tower_lb::discover::{self, HealthCheckBuilder, HttpProbe, ProbeErrorKind};
     use tower_lb::http::connect;
-    use tower_lb::{Balance, EndpointStatus, RoundRobin};
+    use tower_lb::{
+        discover,
+        health::{HealthCheckBuilder, ProbeErrorKind},
+        http::HttpProbe,
+    };
+    use tower_lb::{strategy::RoundRobin, Balance, EndpointStatus};
 
     use super::loopback::{eventually, Backend};
 
@@ -664,7 +672,7 @@ mod http_probe {
             .build(endpoints, HttpProbe::new(&client, "/healthz").unwrap());
         let status = check.status();
         let mut balance = Balance::new(check, RoundRobin::new());
-        let active = |balance: &Balance<_, _>, addr: SocketAddr| {
+        let active = |balance: &Balance<_, _, _>, addr: SocketAddr| {
             balance
                 .stats()
                 .get(&addr)

@@ -11,7 +11,7 @@ use common::{settle, Held};
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 use tower_lb::health::{OutlierDetection, SlowStart};
 use tower_lb::strategy::{Endpoints, PickContext, Picker, Strategy};
-use tower_lb::{discover, BalanceLayer, EndpointStatus, RoundRobin};
+use tower_lb::{discover, strategy::RoundRobin, BalanceLayer, EndpointStatus};
 
 /// An endpoint that answers its id, or fails while its switch is on.
 #[derive(Clone)]

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 use tower_lb::http::{connect, TrackBody};
-use tower_lb::{discover, BalanceLayer, RoundRobin};
+use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 
 type Chunk = Result<Frame<Bytes>, BoxError>;
 type Streamed = StreamBody<futures::stream::BoxStream<'static, Chunk>>;

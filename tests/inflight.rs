@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use proptest::prelude::*;
 use tower::{BoxError, Service, ServiceExt};
-use tower_lb::{discover, Balance, Error, RoundRobin};
+use tower_lb::{discover, strategy::RoundRobin, Balance, Error};
 
 /// What the endpoint does with a request.
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +91,9 @@ struct Tally {
     failed: AtomicU64,
     cancelled: AtomicU64,
     panicked: AtomicU64,
+    /// Requests the balancer refused at `call`: every endpoint they could go to left after
+    /// `poll_ready` reserved one. Never dispatched, so not picks.
+    refused: AtomicU64,
 }
 
 impl Tally {
@@ -159,7 +162,16 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         continue;
                     }
                 }
-                let response = clone.call(fate);
+                let mut response = Box::pin(clone.call(fate));
+                // Endpoints always yield before answering, so a response that is ready at
+                // once was refused by the balancer (never dispatched): tell it apart now, before
+                // a `Cancel` could abort it unpolled.
+                if let Poll::Ready(result) = futures::poll!(&mut response) {
+                    let error = result.expect_err("endpoints yield before answering");
+                    assert_eq!(error.downcast_ref::<Error>(), Some(&Error::NoEndpoints));
+                    tally.refused.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 let tally = tally.clone();
                 let task = tokio::spawn(response);
                 requests.push((fate, task, tally));
@@ -170,6 +182,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 match task.await {
                     Ok(Ok(())) => tally.completed.fetch_add(1, Ordering::SeqCst),
+                    Ok(Err(error))
+                        if error.downcast_ref::<Error>() == Some(&Error::NoEndpoints) =>
+                    {
+                        tally.refused.fetch_add(1, Ordering::SeqCst)
+                    }
                     Ok(Err(_)) => tally.failed.fetch_add(1, Ordering::SeqCst),
                     Err(e) if e.is_panic() => tally.panicked.fetch_add(1, Ordering::SeqCst),
                     Err(_) => tally.cancelled.fetch_add(1, Ordering::SeqCst),
@@ -192,7 +209,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Reweight(key, weight) => {
                 let _ = balance
                     .handle()
-                    .set_weight(&key, tower_lb::Weight::new(weight).unwrap());
+                    .set_weight(&key, tower_lb::weight::Weight::new(weight).unwrap());
             }
         }
         if let Op::Remove(_) | Op::Insert(_) | Op::Reweight(..) = op {

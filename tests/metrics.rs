@@ -4,7 +4,7 @@
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::{service_fn, ServiceExt};
 use tower_lb::metrics::Exporter;
-use tower_lb::{discover, Balance, RoundRobin};
+use tower_lb::{discover, strategy::RoundRobin, Balance};
 
 #[test]
 fn exported_values_match_the_stats() {

@@ -12,7 +12,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceExt};
-use tower_lb::{discover, key_fn, BalanceLayer, ConsistentHash, Weight, Weighted};
+use tower_lb::{
+    discover,
+    key::key_fn,
+    strategy::ConsistentHash,
+    weight::{Weight, Weighted},
+    BalanceLayer,
+};
 
 const KEYS: usize = 4_000;
 const CONNECTIONS: usize = 8;

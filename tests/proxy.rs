@@ -1,7 +1,7 @@
 //! End-to-end tests of the reverse proxy example (`examples/proxy`): real HTTP backends, the
 //! proxy and a client, all on loopback in this process. The proxy's code is the example's
 //! own `app.rs` and `cli.rs`, included below.
-#![cfg(feature = "http")]
+#![cfg(all(feature = "http", feature = "dns"))]
 
 #[path = "../examples/proxy/app.rs"]
 #[allow(dead_code)]
@@ -11,6 +11,7 @@ mod body;
 #[path = "../examples/proxy/cli.rs"]
 #[allow(dead_code)]
 mod cli;
+mod common;
 #[path = "../examples/proxy/forward.rs"]
 mod forward;
 #[path = "../examples/proxy/server.rs"]
@@ -30,6 +31,7 @@ use std::time::Duration;
 use app::{ActiveHealth, Backend, Config, StrategySpec};
 use axum::body::Body;
 use bytes::Bytes;
+use common::dnsmasq::Dnsmasq;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -40,9 +42,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
-use tower_lb::discover::HealthCheckBuilder;
+use tower_lb::health::HealthCheckBuilder;
 use tower_lb::health::OutlierDetection;
-use tower_lb::Weight;
+use tower_lb::weight::Weight;
 
 /// How long any single step may take before the test fails instead of hanging.
 const STEP: Duration = Duration::from_secs(10);
@@ -68,7 +70,15 @@ impl TestBackend {
         F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), handler)
+    }
+
+    /// Serves `handler` on `listener`.
+    fn serve<F, Fut>(listener: TcpListener, handler: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
         let connections_open = open.clone();
@@ -106,14 +116,18 @@ impl TestBackend {
 
     /// A backend that answers its name, then one `name: value` line per header it received.
     async fn echo(name: &'static str) -> Self {
-        Self::start(move |request: Request<Incoming>| async move {
+        Self::echo_on(name, TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// An [`echo`](Self::echo) backend on `listener`.
+    fn echo_on(name: &'static str, listener: TcpListener) -> Self {
+        Self::serve(listener, move |request: Request<Incoming>| async move {
             let mut body = format!("{name}\n");
             for (header, value) in request.headers() {
                 body.push_str(&format!("{header}: {}\n", value.to_str().unwrap()));
             }
             Response::new(Body::from(body))
         })
-        .await
     }
 
     fn backend(&self) -> Backend {
@@ -2123,4 +2137,159 @@ async fn hashing_by_a_forwarding_header_sees_it_as_the_client_sent_it() {
         }
         assert_eq!(landed[0], landed[1], "user {user}");
     }
+}
+
+/// Listeners on 127.0.0.2, 127.0.0.3, … all on one port (A records carry no port).
+async fn listeners_on_one_port(count: u8) -> (u16, Vec<TcpListener>) {
+    'retry: for _ in 0..100 {
+        let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut listeners = vec![first];
+        for i in 1..count {
+            match TcpListener::bind((format!("127.0.0.{}", 2 + i).as_str(), port)).await {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => continue 'retry,
+            }
+        }
+        return (port, listeners);
+    }
+    panic!(
+        "no port free on 127.0.0.2 to 127.0.0.{} in 100 tries",
+        1 + count
+    );
+}
+
+#[tokio::test]
+async fn backends_found_by_dns_follow_a_changing_record_and_srv_records() {
+    let (port, mut listeners) = listeners_on_one_port(2).await;
+    let b = TestBackend::echo_on("b", listeners.pop().unwrap());
+    let a = TestBackend::echo_on("a", listeners.pop().unwrap());
+    let srv = TestBackend::echo_on("srv", TcpListener::bind("127.0.0.4:0").await.unwrap());
+    let server = Dnsmasq::start(
+        1,
+        "127.0.0.2 web.test\n",
+        &[
+            format!(
+                "--srv-host=_http._tcp.api.test,srv.api.test,{},1,1",
+                srv.addr.port()
+            ),
+            "--host-record=srv.api.test,127.0.0.4".to_owned(),
+        ],
+    );
+    let mut config = Config::new(Vec::new());
+    // As `--backend web.test:PORT --backend-srv _http._tcp.api.test --dns-server ADDR` give,
+    // with a 1 s floor for the test's sake.
+    let args = [
+        "--backend".to_owned(),
+        format!("web.test:{port}"),
+        "--backend-srv".to_owned(),
+        "_http._tcp.api.test".to_owned(),
+        "--dns-server".to_owned(),
+        server.addr().to_string(),
+    ];
+    config.dns = cli::parse_args(args.into_iter()).unwrap().config.dns;
+    config.dns.resolver = config
+        .dns
+        .resolver
+        .map(|r| r.ttl_floor(Duration::from_secs(1)).unwrap());
+    let proxy = Proxy::start(config).await;
+
+    let mut answered = HashMap::new();
+    within("a and srv answering", async {
+        while answered.len() < 2 {
+            let (status, body) = get(&proxy, "/").await;
+            if status == StatusCode::OK {
+                *answered.entry(Echo::parse(&body).backend).or_insert(0) += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        answered
+            .keys()
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>(),
+        ["a", "srv"].into()
+    );
+
+    // The record moves from a to b while requests flow: every request succeeds, and within
+    // the floor and a second only b and srv answer.
+    server.set_hosts("127.0.0.3 web.test\n");
+    let changed = std::time::Instant::now();
+    let mut after_change = HashMap::new();
+    within("b answering instead of a", async {
+        loop {
+            let (status, body) = get(&proxy, "/").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let backend = Echo::parse(&body).backend;
+            if backend == "b" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..20 {
+            let (status, body) = get(&proxy, "/").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            *after_change.entry(Echo::parse(&body).backend).or_insert(0) += 1;
+        }
+    })
+    .await;
+    assert!(
+        changed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        changed.elapsed()
+    );
+    assert!(
+        !after_change.contains_key("a"),
+        "a is gone: {after_change:?}"
+    );
+    assert_eq!(after_change.values().sum::<usize>(), 20);
+
+    let stats = proxy.stats().await;
+    let listed: Vec<&str> = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "active")
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
+    let mut listed = listed;
+    listed.sort();
+    let mut expected = vec![b.addr.to_string(), srv.addr.to_string()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    // a was up all along: it left because DNS stopped naming it.
+    drop(a);
+}
+
+#[test]
+fn the_command_line_takes_dns_names_and_srv_names() {
+    let parse = |args: &[&str]| cli::parse_args(args.iter().map(|a| a.to_string()));
+    let args = parse(&[
+        "--backend",
+        "api.test:8080=3",
+        "--backend",
+        "10.0.0.1:80",
+        "--backend-srv",
+        "_http._tcp.web.test",
+        "--dns-server",
+        "127.0.0.1:5353",
+    ])
+    .unwrap();
+    assert_eq!(
+        args.config.dns.names,
+        [("api.test:8080".to_owned(), Weight::new(3).unwrap())]
+    );
+    assert_eq!(args.config.dns.srv, ["_http._tcp.web.test"]);
+    assert!(args.config.dns.resolver.is_some());
+    assert_eq!(args.config.backends.len(), 1);
+
+    let error = |args: &[&str]| parse(args).err().unwrap();
+    assert!(error(&["--backend", "api.test:70000"]).contains("out of range"));
+    assert!(error(&["--backend", "bad name:80"]).contains("not a host:port address"));
+    assert!(error(&["--backend", "a.test:80", "--backend", "a.test:80"]).contains("twice"));
+    assert!(error(&["--backend-srv", ""]).contains("empty"));
+    assert!(error(&["--backend-srv", "_http._tcp.web.test:80"]).contains("no port"));
+    assert!(error(&["--dns-server", "localhost"]).contains("not an ip:port"));
 }

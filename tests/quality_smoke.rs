@@ -37,7 +37,11 @@ fn simulate(scenario: &Scenario, name: &'static str, make: &MakeBalancer) -> Sum
 #[test]
 fn peak_ewma_steers_away_from_a_slow_backend_that_round_robin_overloads() {
     let slow = scenario("one-10x-slow");
-    let rr = simulate(&slow, "round-robin", &ours(tower_lb::RoundRobin::new()));
+    let rr = simulate(
+        &slow,
+        "round-robin",
+        &ours(tower_lb::strategy::RoundRobin::new()),
+    );
     let ewma = simulate(&slow, "tower-p2c-peak-ewma", &tower_p2c_peak_ewma());
 
     assert!((rr.shares[0] - 0.2).abs() < 0.01, "{:?}", rr.shares);
@@ -55,7 +59,11 @@ fn peak_ewma_steers_away_from_a_slow_backend_that_round_robin_overloads() {
 #[test]
 fn a_hanging_backend_costs_round_robin_a_fifth_of_the_middle_third() {
     let hang = scenario("hang");
-    let rr = simulate(&hang, "round-robin", &ours(tower_lb::RoundRobin::new()));
+    let rr = simulate(
+        &hang,
+        "round-robin",
+        &ours(tower_lb::strategy::RoundRobin::new()),
+    );
     let pending = simulate(&hang, "tower-p2c-pending", &tower_p2c_pending());
 
     // One backend of five hangs for a third of the run: about 1/15 of requests time out,
@@ -78,7 +86,11 @@ fn a_hanging_backend_costs_round_robin_a_fifth_of_the_middle_third() {
 #[test]
 fn a_failing_backend_answers_errors_only_in_the_middle_third() {
     let fail = scenario("fail-fast");
-    let rr = simulate(&fail, "round-robin", &ours(tower_lb::RoundRobin::new()));
+    let rr = simulate(
+        &fail,
+        "round-robin",
+        &ours(tower_lb::strategy::RoundRobin::new()),
+    );
     let share = rr.errors as f64 / REQUESTS as f64;
     assert!((0.05..0.085).contains(&share), "round-robin failed {share}");
     // Errors are fast: they do not reach the latency percentiles.

@@ -11,7 +11,12 @@ use std::task::{Context, Poll};
 use common::settle;
 use tokio::sync::oneshot;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::{discover, key_fn, BalanceLayer, ConsistentHash, Error, KeyFallback};
+use tower_lb::{
+    discover,
+    key::key_fn,
+    strategy::{ConsistentHash, KeyFallback},
+    BalanceLayer, Error,
+};
 
 /// Answers its own name.
 #[derive(Clone, Debug)]
@@ -40,7 +45,7 @@ fn endpoints(n: usize) -> Vec<(String, Named)> {
 }
 
 /// The request is its key; an empty request has none.
-fn request_key() -> tower_lb::KeyFn<impl Fn(&String) -> Option<String> + Clone> {
+fn request_key() -> tower_lb::key::KeyFn<impl Fn(&String) -> Option<String> + Clone> {
     key_fn(|request: &String| (!request.is_empty()).then(|| request.clone()))
 }
 

@@ -11,7 +11,10 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::{
-    discover, Balance, BalanceLayer, LeastConnections, ResponseFuture, Weight, Weighted,
+    discover,
+    strategy::LeastConnections,
+    weight::{Weight, Weighted},
+    Balance, BalanceLayer, ResponseFuture,
 };
 
 /// A request: the endpoint answers when the sender fires.

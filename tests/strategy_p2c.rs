@@ -11,7 +11,12 @@ use std::time::Duration;
 
 use common::{Echo, Held};
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::{discover, Balance, BalanceLayer, PowerOfTwoChoices, Weight, Weighted};
+use tower_lb::{
+    discover,
+    strategy::PowerOfTwoChoices,
+    weight::{Weight, Weighted},
+    Balance, BalanceLayer,
+};
 
 /// Answers its id after `latency`, or fails after it.
 #[derive(Clone, Debug)]
@@ -86,10 +91,7 @@ where
 }
 
 /// Each endpoint's share of the requests, by key `0..n`.
-fn shares<D>(balance: &Balance<D, PowerOfTwoChoices>, n: usize) -> Vec<f64>
-where
-    D: tower::discover::Discover<Key = usize>,
-{
+fn shares<S>(balance: &Balance<usize, S, PowerOfTwoChoices>, n: usize) -> Vec<f64> {
     let stats = balance.stats();
     let total = stats.picks() as f64;
     (0..n)

@@ -8,7 +8,12 @@ use std::collections::HashMap;
 use common::{settle, weighted, Echo, Gate, Gated};
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::{discover, Balance, BalanceLayer, Random, Weight, Weighted, WeightedRoundRobin};
+use tower_lb::{
+    discover,
+    strategy::{Random, WeightedRoundRobin},
+    weight::{Weight, Weighted},
+    Balance, BalanceLayer,
+};
 
 async fn send<S>(svc: &mut S) -> usize
 where

@@ -35,7 +35,7 @@ need nginx nginx
 need wrk wrk
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --example backends --example proxy --features http,axum 2>&1 | tail -1
+cargo build --release --example backends --example proxy --features http,dns,axum 2>&1 | tail -1
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {

@@ -27,8 +27,8 @@ use tower::balance::p2c;
 use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
 use tower::{Layer, Service, ServiceExt};
-use tower_lb::discover::{self, Fixed};
-use tower_lb::{Balance, BalanceLayer, RoundRobin, Weight};
+use tower_lb::discover;
+use tower_lb::{strategy::RoundRobin, weight::Weight, Balance, BalanceLayer};
 
 use super::{request, Noop};
 
@@ -140,7 +140,7 @@ impl Results {
 fn balance<S>(
     rt: &tokio::runtime::Runtime,
     endpoints: Vec<(usize, S)>,
-) -> Balance<Fixed<usize, S>, RoundRobin>
+) -> Balance<usize, S, RoundRobin>
 where
     S: Service<u64, Response = u64, Error = Infallible> + Clone + Send + Sync + 'static,
 {

@@ -7,7 +7,11 @@ use tower::load::{CompleteOnResponse, PeakEwmaDiscover, PendingRequestsDiscover}
 use tower::util::BoxService;
 use tower::{BoxError, Layer};
 use tower_lb::strategy::Strategy;
-use tower_lb::{discover, BalanceLayer, Weight, Weighted};
+use tower_lb::{
+    discover,
+    weight::{Weight, Weighted},
+    BalanceLayer,
+};
 
 use crate::sim::{Backend, BackendSpec, Request, SplitMix64};
 

@@ -2,8 +2,9 @@
 //! and the admin router. `main.rs` parses the command line and runs it; `tests/proxy.rs`
 //! includes these files and runs the proxy in-process on loopback.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,17 +23,16 @@ use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tower::discover::Change;
 use tower::{BoxError, Layer};
-use tower_lb::discover::{HealthCheckBuilder, HealthStatus, HttpProbe};
-use tower_lb::health::OutlierDetection;
-use tower_lb::http::{connect, ClientIp, CookieKey, HeaderKey, HttpEndpoint, PathKey, TrackBody};
-use tower_lb::strategy::Swappable;
-use tower_lb::KeyHasher;
+use tower_lb::discover::dns::DnsBuilder;
+use tower_lb::discover::Target;
+use tower_lb::health::{HealthCheckBuilder, HealthStatus, OutlierDetection};
+use tower_lb::http::{ClientIp, CookieKey, HeaderKey, HttpEndpoint, HttpProbe, PathKey, TrackBody};
+use tower_lb::key::{KeyHasher, Keyed, RequestKey};
+use tower_lb::strategy::{ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices};
+use tower_lb::strategy::{Random, RoundRobin, Swappable, WeightedRoundRobin};
+use tower_lb::weight::{Weight, Weighted};
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
-use tower_lb::{ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random};
-use tower_lb::{RequestKey, RoundRobin};
-use tower_lb::{Weight, WeightedRoundRobin};
 
-use crate::body::RequestBody;
 use crate::forward::{forward, Forwarder, Retrying};
 use crate::server::{self, Lifecycle, ServerSettings};
 use crate::upstream::Upstream;
@@ -40,8 +40,10 @@ use crate::upstream::Upstream;
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
-    /// The backends, each with its weight (1 unless given).
+    /// The backends at fixed addresses, each with its weight (1 unless given).
     pub(crate) backends: Vec<Backend>,
+    /// The backends found by DNS names, re-resolved as their TTLs run out.
+    pub(crate) dns: DnsBackends,
     /// How requests are spread over the backends.
     pub(crate) strategy: StrategySpec,
     /// The path of the JSON stats page on the admin listener.
@@ -130,6 +132,7 @@ impl Config {
     pub(crate) fn new(backends: Vec<Backend>) -> Self {
         Self {
             backends,
+            dns: DnsBackends::default(),
             strategy: StrategySpec::parse("round-robin").expect("a known strategy"),
             admin_path: "/_lb/stats".to_owned(),
             outlier: OutlierDetection::new(),
@@ -160,10 +163,19 @@ pub(crate) struct Backend {
     pub(crate) weight: Weight,
 }
 
+/// A `--backend` value: a fixed address, or a DNS name re-resolved as its TTL runs out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BackendSpec {
+    Addr(Backend),
+    /// `host:port`, and the weight of each of its addresses.
+    Name(String, Weight),
+}
+
 impl Backend {
-    /// Parses `ADDR[=WEIGHT]`, where `ADDR` is `ip:port` or `host:port` (resolved now, first
-    /// address) and `WEIGHT` a whole number from 1.
-    pub(crate) fn parse(spec: &str) -> Result<Self, String> {
+    /// Parses `ADDR[=WEIGHT]`, where `ADDR` is `ip:port` (a fixed backend) or `host:port` (a
+    /// DNS name: every address it resolves to is a backend, re-resolved as the TTL runs out) and
+    /// `WEIGHT` a whole number from 1.
+    pub(crate) fn parse(spec: &str) -> Result<BackendSpec, String> {
         let (addr, weight) = match spec.rsplit_once('=') {
             Some((addr, weight)) => {
                 let weight = weight
@@ -174,12 +186,45 @@ impl Backend {
             }
             None => (spec, Weight::ONE),
         };
-        let addr = addr
-            .to_socket_addrs()
-            .map_err(|e| format!("backend {spec:?}: {addr:?} is not a host:port address ({e})"))?
-            .next()
-            .ok_or_else(|| format!("backend {spec:?}: {addr:?} resolves to no address"))?;
-        Ok(Self { addr, weight })
+        if let Ok(addr) = addr.parse::<SocketAddr>() {
+            return Ok(BackendSpec::Addr(Self { addr, weight }));
+        }
+        DnsBuilder::new()
+            .name(addr)
+            .map_err(|e| format!("backend {spec:?}: {addr:?} is not a host:port address ({e})"))?;
+        Ok(BackendSpec::Name(addr.to_owned(), weight))
+    }
+}
+
+/// Backends found by DNS: `--backend NAME:PORT` and `--backend-srv NAME`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DnsBackends {
+    /// `host:port` names with the weight of each of their addresses.
+    pub(crate) names: Vec<(String, Weight)>,
+    /// SRV names; their records give ports and weights.
+    pub(crate) srv: Vec<String>,
+    /// The resolver's settings (servers, timing); the system's and the defaults if `None`.
+    pub(crate) resolver: Option<DnsBuilder>,
+}
+
+impl DnsBackends {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.srv.is_empty()
+    }
+
+    /// The discovery stream of every name, or `None` without names.
+    fn discover(&self) -> Result<Option<Candidates>, ConfigError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let mut builder = self.resolver.clone().unwrap_or_default();
+        for (name, _) in &self.names {
+            builder = builder.name(name)?;
+        }
+        for name in &self.srv {
+            builder = builder.srv(name)?;
+        }
+        Ok(Some(Box::pin(builder.build()?.map_err(BoxError::from))))
     }
 }
 
@@ -391,15 +436,17 @@ pub(crate) fn check_admin_path(path: &str) -> Result<(), String> {
 /// it is not much larger than needed.
 pub(crate) const MAX_RESPONSE_HEADERS: usize = 256;
 
-type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Upstream>, BoxError>> + Send>>;
+type Endpoints =
+    Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Weighted<Upstream>>, BoxError>> + Send>>;
+type Candidates = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Target>, BoxError>> + Send>>;
 
 /// The balancer, the one place its type is spelled out. `Swappable` lets the strategy be
 /// chosen at run time (from the command line) behind one type; it costs one virtual call per
 /// pick. It is `Send + Sync`, so axum's `State` holds it as it is, and every request clones it.
-pub(crate) type Balancer = Balance<Endpoints, Swappable, HashOn, TrackBody>;
+pub(crate) type Balancer = Balance<SocketAddr, Upstream, Swappable, Keyed<HashOn>, TrackBody>;
 
-/// Builds the balancer over the configured backends, behind active health checks if
-/// configured; returns it with the health checks' view of the backends.
+/// Builds the balancer over the configured backends (fixed, and found by DNS), behind active
+/// health checks if configured; returns it with the health checks' view of the backends.
 fn build_balancer(
     config: &Config,
 ) -> Result<(Balancer, Option<HealthStatus<SocketAddr>>), ConfigError> {
@@ -407,7 +454,8 @@ fn build_balancer(
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(upstream.connect_timeout));
-    // One client, so one connection pool, for every backend and every probe.
+    // One client, so one connection pool, for every backend and every probe. Requests keep
+    // their client's `Host`, so backends found by name need no name of their own.
     let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(upstream.pool_idle_timeout)
@@ -415,58 +463,55 @@ fn build_balancer(
         .http1_max_headers(MAX_RESPONSE_HEADERS)
         .build(connector);
 
-    let candidates = discover::fixed(config.backends.iter().map(|b| (b.addr, b.addr)));
-    let (endpoints, health) = match &config.health {
-        None => (
-            upstreams(connect(client, candidates), upstream.timeout),
-            None,
-        ),
+    let fixed = discover::fixed(
+        config
+            .backends
+            .iter()
+            .map(|b| (b.addr, Target::new(b.addr).with_weight(b.weight))),
+    );
+    let mut candidates: Candidates = Box::pin(fixed.map_err(BoxError::from));
+    if let Some(found) = config.dns.discover()? {
+        candidates = Box::pin(futures::stream::select(candidates, found));
+    }
+    let (candidates, health): (Candidates, _) = match &config.health {
+        None => (candidates, None),
         Some(active) => {
             let probe = HttpProbe::new(&client, &active.path)?;
             let checked = active.settings.build(candidates, probe);
             let status = checked.status();
-            (
-                upstreams(connect(client, checked), upstream.timeout),
-                Some(status),
-            )
+            (Box::pin(checked.map_err(BoxError::from)), Some(status))
         }
     };
-
-    let weights: Vec<(SocketAddr, Weight)> =
-        config.backends.iter().map(|b| (b.addr, b.weight)).collect();
-    let weigh = move |addr: &SocketAddr, _: &Upstream| {
-        weights
-            .iter()
-            .find(|(a, _)| a == addr)
-            .map_or(Weight::ONE, |(_, w)| *w)
-    };
+    // `--backend NAME:PORT=WEIGHT` weighs every address of the name (a target carries its name
+    // as `host:port`, without a final dot); SRV records carry their own weights.
+    let name_weights: HashMap<String, Weight> = config
+        .dns
+        .names
+        .iter()
+        .map(|(name, weight)| match name.rsplit_once(':') {
+            Some((host, port)) => (format!("{}:{port}", host.trim_end_matches('.')), *weight),
+            None => (name.clone(), *weight),
+        })
+        .collect();
+    let timeout = upstream.timeout;
+    let endpoints = discover::connect(candidates, move |target: Target| {
+        let weight = target
+            .authority()
+            .and_then(|name| name_weights.get(name))
+            .copied()
+            .unwrap_or(target.weight());
+        let endpoint = HttpEndpoint::new(&client, target.addr());
+        Weighted::new(Upstream::new(endpoint, target.addr(), timeout), weight)
+    });
 
     let balance = BalanceLayer::new(config.strategy.strategy())
         .key(config.strategy.hash_on.trusting(&config.trusted_proxies)?)
-        .weigh_with(weigh)
+        .weighted()
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
         .outlier_detection(config.outlier)
-        .layer(endpoints);
+        .layer(Box::pin(endpoints) as Endpoints);
     Ok((balance, health))
-}
-
-/// Wraps every discovered backend in [`Upstream`], which times its responses.
-fn upstreams<D, E>(endpoints: D, timeout: Duration) -> Endpoints
-where
-    D: Stream<Item = Result<Change<SocketAddr, HttpEndpoint<RequestBody>>, E>> + Send + 'static,
-    E: Into<BoxError> + 'static,
-{
-    Box::pin(
-        endpoints
-            .map_err(Into::into)
-            .map_ok(move |change| match change {
-                Change::Insert(addr, endpoint) => {
-                    Change::Insert(addr, Upstream::new(endpoint, addr, timeout))
-                }
-                Change::Remove(addr) => Change::Remove(addr),
-            }),
-    )
 }
 
 /// The proxy, built and ready to serve: the public router (every request forwarded), the
@@ -576,9 +621,13 @@ async fn admin_stats(State(state): State<AdminState>) -> Response {
         "backends": backends,
     });
     if let Some(health) = &state.health {
-        // Every configured backend, including those the health checks took out.
-        let checks: Vec<serde_json::Value> = state
-            .backends
+        // Every configured backend, including those the health checks took out, then those
+        // found by DNS.
+        let mut addrs = state.backends.to_vec();
+        let found = health.all().into_iter().map(|(addr, _)| addr);
+        let found: Vec<SocketAddr> = found.filter(|addr| !addrs.contains(addr)).collect();
+        addrs.extend(found);
+        let checks: Vec<serde_json::Value> = addrs
             .iter()
             .map(|addr| match health.get(addr) {
                 Some(health) => serde_json::json!({

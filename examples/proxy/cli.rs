@@ -5,8 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use tower_lb::discover::dns::DnsBuilder;
 
-use crate::app::{self, defaults, ActiveHealth, Backend, Config, StrategySpec};
+use crate::app::{self, defaults, ActiveHealth, Backend, BackendSpec, Config, StrategySpec};
 use crate::server::MIN_HEADER_SIZE;
 
 /// The help text.
@@ -25,7 +26,13 @@ Listening:
   --admin PATH               the stats' path on the admin listener (default /_lb/stats)
 
 Backends and balancing:
-  --backend ADDR[=WEIGHT]    a backend (repeatable); none: three demo backends on loopback
+  --backend ADDR[=WEIGHT]    a backend (repeatable): ip:port, or host:port, whose every
+                             address is a backend, resolved again as its DNS TTL runs out
+                             (WEIGHT applies to each); none: three demo backends on loopback
+  --backend-srv NAME         backends from the SRV records of NAME (repeatable), such as
+                             _http._tcp.api.internal: ports and weights from the records
+  --dns-server ADDR          ask this DNS server (ip:port, repeatable) instead of the
+                             system's
   --strategy NAME            how to spread requests (default round-robin):
 {strategies}
                              KEY is ip, header:NAME, cookie:NAME or path; requests
@@ -180,12 +187,39 @@ pub(crate) fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args,
                     .parse()
                     .map_err(|_| format!("--listen {addr:?} is not an ip:port address"))?;
             }
-            "--backend" => {
-                let backend = Backend::parse(&value()?)?;
-                if config.backends.iter().any(|b| b.addr == backend.addr) {
-                    return Err(format!("backend {} is given twice", backend.addr));
+            "--backend" => match Backend::parse(&value()?)? {
+                BackendSpec::Addr(backend) => {
+                    if config.backends.iter().any(|b| b.addr == backend.addr) {
+                        return Err(format!("backend {} is given twice", backend.addr));
+                    }
+                    config.backends.push(backend);
                 }
-                config.backends.push(backend);
+                BackendSpec::Name(name, weight) => {
+                    if config.dns.names.iter().any(|(n, _)| *n == name) {
+                        return Err(format!("backend {name} is given twice"));
+                    }
+                    config.dns.names.push((name, weight));
+                }
+            },
+            "--backend-srv" => {
+                let name = value()?;
+                DnsBuilder::new()
+                    .srv(&name)
+                    .map_err(|e| format!("--backend-srv {name:?}: {e}"))?;
+                if config.dns.srv.contains(&name) {
+                    return Err(format!("--backend-srv {name} is given twice"));
+                }
+                config.dns.srv.push(name);
+            }
+            "--dns-server" => {
+                let server = value()?;
+                let addr = server.parse::<SocketAddr>().map_err(|_| {
+                    format!(
+                        "--dns-server {server:?} is not an ip:port address (such as 127.0.0.1:53)"
+                    )
+                })?;
+                let resolver = config.dns.resolver.take().unwrap_or_default();
+                config.dns.resolver = Some(resolver.nameserver(addr));
             }
             "--strategy" => config.strategy = StrategySpec::parse(&value()?)?,
             "--bounded-load" => {

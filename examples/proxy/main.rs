@@ -1,15 +1,18 @@
 //! A reverse proxy on axum and hyper-util, balancing with tower-lb.
 //!
 //! ```text
-//! cargo run --example proxy --features http
-//! cargo run --release --example proxy --features http -- \
+//! cargo run --example proxy --features http,dns
+//! cargo run --release --example proxy --features http,dns -- \
 //!     --listen 0.0.0.0:8080 --backend 10.0.0.7:8081=3 --backend 10.0.0.8:8081 \
 //!     --strategy least-connections --health /healthz --admin-listen 127.0.0.1:9901
+//! cargo run --example proxy --features http,dns -- \
+//!     --backend api.internal:8080 --backend-srv _http._tcp.search.internal
 //! ```
 //!
 //! With no `--backend` it starts three demo backends on loopback (fast, medium, slow) and
-//! prints curl lines to try. `proxy --help` lists every flag with its default; the README
-//! describes them.
+//! prints curl lines to try. A `--backend host:port` is resolved by DNS (every address is a
+//! backend) and resolved again as its TTL runs out; `--backend-srv` takes backends from SRV
+//! records. `proxy --help` lists every flag with its default; the README describes them.
 //!
 //! - HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) from clients; HTTP/1.1 to backends over
 //!   a bounded pool of kept-alive connections.
@@ -73,7 +76,7 @@ async fn start_demo_backends() -> std::io::Result<Vec<Backend>> {
         });
         backends.push(Backend {
             addr,
-            weight: tower_lb::Weight::ONE,
+            weight: tower_lb::weight::Weight::ONE,
         });
     }
     Ok(backends)
@@ -122,7 +125,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if config.backends.is_empty() {
+    if config.backends.is_empty() && config.dns.is_empty() {
         match start_demo_backends().await {
             Ok(backends) => config.backends = backends,
             Err(error) => {
@@ -157,12 +160,23 @@ async fn main() -> ExitCode {
     };
 
     println!(
-        "tower-lb proxy on http://{listen} ({} over {} backends)",
+        "tower-lb proxy on http://{listen} ({} over {} backends{})",
         config.strategy.name(),
-        config.backends.len()
+        config.backends.len(),
+        if config.dns.is_empty() {
+            ""
+        } else {
+            " and DNS names"
+        }
     );
     for backend in &config.backends {
         println!("  backend {} (weight {})", backend.addr, backend.weight);
+    }
+    for (name, weight) in &config.dns.names {
+        println!("  backends: every address of {name} (weight {weight}), kept up to date by DNS");
+    }
+    for name in &config.dns.srv {
+        println!("  backends: the SRV records of {name}, kept up to date by DNS");
     }
     match &config.health {
         Some(health) => println!(

@@ -1,17 +1,14 @@
 //! `BalanceHandle`: reach a running balancer from anywhere.
 
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 
-use super::shared::{Control, Shared};
-use crate::endpoint::{EndpointHandle, DRAINING};
+use crate::control::{Message, Shared};
 use crate::error::Error;
+use crate::health::Drain;
 use crate::stats::Stats;
-use crate::sync::lock;
+use crate::util::sync::lock;
 use crate::weight::Weight;
 
 /// A handle on a running balancer: stats and runtime reweighting, from any task.
@@ -23,7 +20,7 @@ use crate::weight::Weight;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower_lb::Error> {
 /// use tower::service_fn;
-/// use tower_lb::{discover, Balance, RoundRobin, Weight};
+/// use tower_lb::{discover, strategy::RoundRobin, weight::Weight, Balance};
 ///
 /// let echo = service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
 /// let balance = Balance::new(discover::fixed([("a", echo)]), RoundRobin::new());
@@ -58,48 +55,14 @@ impl<K> BalanceHandle<K> {
         self.upgrade()?.set_weight(key, weight)
     }
 
-    /// Drains an endpoint: it gets no new requests at once (requests already reserved by a
-    /// `poll_ready` may still be sent), and it is removed from the balancer. The returned
-    /// future resolves when its in-flight requests have finished.
+    /// Drains an endpoint: it gets no new requests at once — requests already reserved on it
+    /// by a `poll_ready` go to other endpoints — and it is removed from the balancer. The
+    /// returned future resolves when its in-flight requests have finished, and no request is
+    /// sent to the endpoint after that.
     ///
     /// A later `Insert` of the same key from discovery adds it again as a new endpoint.
     pub fn drain(&self, key: &K) -> Result<Drain, Error> {
-        let handle = self.upgrade()?.drain(key)?;
-        Ok(Drain { handle })
-    }
-}
-
-/// Resolves when a drained endpoint has no request in flight; see [`BalanceHandle::drain`].
-#[must_use = "a drain future does nothing unless polled"]
-pub struct Drain {
-    handle: EndpointHandle,
-}
-
-impl Drain {
-    /// Requests still in flight to the endpoint.
-    pub fn in_flight(&self) -> u64 {
-        self.handle.in_flight()
-    }
-}
-
-impl Future for Drain {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.handle.register_drain_waker(cx.waker());
-        if self.handle.in_flight() == 0 {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
-impl fmt::Debug for Drain {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Drain")
-            .field("in_flight", &self.in_flight())
-            .finish()
+        self.upgrade()?.drain(key)
     }
 }
 
@@ -123,42 +86,40 @@ impl<K> fmt::Debug for BalanceHandle<K> {
 pub(crate) trait ControlPlane<K>: Send + Sync {
     fn stats(&self) -> Stats<K>;
     fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error>;
-    fn drain(&self, key: &K) -> Result<EndpointHandle, Error>;
+    fn drain(&self, key: &K) -> Result<Drain, Error>;
 }
 
-impl<K, S, P, Kx> ControlPlane<K> for Shared<K, S, P, Kx>
+impl<K, S, P, X> ControlPlane<K> for Shared<K, S, P, X>
 where
     K: Hash + Eq + Clone + Send + Sync,
     S: Send + Sync,
     P: Send + Sync,
-    Kx: Send + Sync,
+    X: Send + Sync,
 {
     fn stats(&self) -> Stats<K> {
         Shared::stats(self)
     }
 
     fn set_weight(&self, key: &K, weight: Weight) -> Result<(), Error> {
-        {
-            let registry = lock(&self.registry);
-            let position = *registry.index.get(key).ok_or(Error::UnknownEndpoint)?;
-            registry.members[position].handle.set_weight(weight.get());
-        }
-        self.control
-            .send(Control::Rebuild)
+        lock(&self.registry)
+            .get(key)
+            .ok_or(Error::UnknownEndpoint)?
+            .handle
+            .set_weight(weight.get());
+        self.messages
+            .send(Message::Rebuild)
             .map_err(|_| Error::Closed)
     }
 
-    fn drain(&self, key: &K) -> Result<EndpointHandle, Error> {
-        let handle = {
+    fn drain(&self, key: &K) -> Result<Drain, Error> {
+        let drain = {
             let registry = lock(&self.registry);
-            let position = *registry.index.get(key).ok_or(Error::UnknownEndpoint)?;
-            let handle = registry.members[position].handle.clone();
-            handle.set_flag(DRAINING);
-            handle
+            let member = registry.get(key).ok_or(Error::UnknownEndpoint)?;
+            Drain::start(member.handle.clone())
         };
-        self.control
-            .send(Control::Rebuild)
+        self.messages
+            .send(Message::Rebuild)
             .map_err(|_| Error::Closed)?;
-        Ok(handle)
+        Ok(drain)
     }
 }

@@ -2,20 +2,97 @@
 
 use std::fmt;
 use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tower::discover::Discover;
 use tower::BoxError;
 use tower_layer::Layer;
 
-use super::service::Balance;
-use super::shared::Config;
+use super::local::{Local, NO_VERSION};
+use super::service::{clone_state, Balance};
+use super::Front;
 use crate::completion::CompleteOnResponse;
+use crate::control::driver::Driver;
+use crate::control::table::Snapshot;
+use crate::control::Shared;
 use crate::error::ConfigError;
-use crate::health::{OutlierDetection, SlowStart};
-use crate::key::NoKey;
-use crate::strategy::Strategy;
+use crate::health::{OutlierDetection, Passive, SlowStart};
+use crate::key::{Keyed, NoKey};
+use crate::strategy::{decay_ns, Endpoints, Picker, Strategy};
+use crate::util::sync::{AtomicU64, CachePadded};
 use crate::weight::{FromWeighted, Unweighted, Weigh};
+
+/// Settings that do not depend on the strategy.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Config {
+    /// How long `poll_ready` waits for discovery to produce an endpoint before failing with
+    /// `NoEndpoints`; `None` fails at once.
+    pub(super) wait_for_endpoints: Option<Duration>,
+    pub(super) passive: Passive,
+    /// Seeds the clones' random generators, for reproducible runs.
+    pub(super) seed: Option<u64>,
+}
+
+/// Builds a balancer: its shared state, its discovery task (spawned on the current runtime,
+/// or kept until the first `poll_ready` finds one), and its first clone.
+pub(super) fn build<D, St, Kx, W, C>(
+    discover: D,
+    strategy: St,
+    key: Kx,
+    weigher: W,
+    completion: C,
+    config: Config,
+) -> Balance<D::Key, W::Service, St, Kx, C>
+where
+    D: Discover + Send + 'static,
+    D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    D::Error: Into<BoxError>,
+    St: Strategy,
+    W: Weigh<D::Key, D::Service>,
+    W::Service: Clone + Send + Sync + 'static,
+    Kx: Send + Sync + 'static,
+{
+    let (messages, inbox) = mpsc::unbounded_channel();
+    let empty = strategy.build(&Endpoints::new(&[]));
+    let (keyed, decay) = (empty.is_keyed(), empty.latency_decay().map(decay_ns));
+    let (rotation_base, seed_base) = match config.seed {
+        Some(seed) => (crate::key::mix64(seed) >> 1, seed),
+        None => {
+            let mut rng = crate::util::rng::FastRng::new();
+            (rng.next_u64() >> 1, rng.next_u64())
+        }
+    };
+    let front = Front {
+        key,
+        wait_for_endpoints: config.wait_for_endpoints,
+        clones: CachePadded(AtomicU64::new(0)),
+        rotation_base,
+        seed_base,
+    };
+    let shared = Arc::new(Shared::new(
+        Snapshot::empty(empty, keyed, decay),
+        messages,
+        front,
+    ));
+    let mut driver = Driver::new(discover, strategy, weigher, inbox, &shared, config.passive);
+    // Take in everything discovery has ready now (a fixed list, say, however long), so the
+    // first request does not race the task's first turn. The task registers its real waker
+    // when it runs.
+    driver.prime();
+    shared.task.hold(Box::pin(driver));
+    // Start discovery now if a runtime is current; otherwise at the first poll_ready.
+    let _ = shared.task.spawn();
+    // No table yet: a balancer that is only ever cloned (axum's `State`, say) must not keep a
+    // table, and with it removed endpoints' services, alive.
+    let local = Local::new(clone_state(&shared.front), NO_VERSION, None);
+    Balance {
+        shared,
+        local,
+        completion,
+    }
+}
 
 /// The longest bounded wait for endpoints that is accepted: a day. Longer is not a bound a
 /// caller would notice, and it keeps the deadline arithmetic far from overflow.
@@ -26,7 +103,7 @@ const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// ```
 /// use std::time::Duration;
 /// use tower::ServiceBuilder;
-/// use tower_lb::{BalanceLayer, RoundRobin};
+/// use tower_lb::{strategy::RoundRobin, BalanceLayer};
 ///
 /// let layer = BalanceLayer::new(RoundRobin::new())
 ///     .wait_for_endpoints(Duration::from_millis(500))
@@ -59,7 +136,7 @@ impl<St> BalanceLayer<St> {
 
 impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
     /// Takes each endpoint's weight from discovery: the inserted services are
-    /// [`Weighted`](crate::Weighted).
+    /// [`Weighted`](crate::weight::Weighted).
     pub fn weighted(self) -> BalanceLayer<St, Kx, FromWeighted, C> {
         self.weigh_with(FromWeighted)
     }
@@ -107,7 +184,7 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
     /// Ejects endpoints whose responses keep failing; see [`health`](crate::health). Off by
     /// default. Needs tokio's timer.
     pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
-        self.config.outlier = Some(outlier);
+        self.config.passive.outlier = Some(outlier);
         self
     }
 
@@ -120,14 +197,14 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
                 format!("{share} is not a share between 0 and 1"),
             ));
         }
-        self.config.panic_threshold = share;
+        self.config.passive.panic_threshold = share;
         Ok(self)
     }
 
     /// Ramps up the share of new and recovered endpoints; see [`health`](crate::health). Off by
     /// default. Needs tokio's timer.
     pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
-        self.config.slow_start = Some(slow_start);
+        self.config.passive.slow_start = Some(slow_start);
         self
     }
 
@@ -140,12 +217,13 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
         self
     }
 
-    /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing).
-    /// Unkeyed strategies ignore it.
-    pub fn key<K>(self, key: K) -> BalanceLayer<St, K, W, C> {
+    /// Sets how requests are turned into a key hash for keyed strategies (consistent hashing):
+    /// any [`RequestKey`](crate::key::RequestKey). Unkeyed strategies ignore it; a keyed
+    /// strategy without it does not compile.
+    pub fn key<K>(self, key: K) -> BalanceLayer<St, Keyed<K>, W, C> {
         BalanceLayer {
             strategy: self.strategy,
-            key,
+            key: Keyed(key),
             weigher: self.weigher,
             completion: self.completion,
             config: self.config,
@@ -157,17 +235,17 @@ impl<D, St, Kx, W, C> Layer<D> for BalanceLayer<St, Kx, W, C>
 where
     D: Discover + Send + 'static,
     D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Clone + Send + Sync + 'static,
     D::Error: Into<BoxError>,
     St: Strategy + Clone,
     Kx: Clone + Send + Sync + 'static,
     W: Weigh<D::Key, D::Service> + Clone,
+    W::Service: Clone + Send + Sync + 'static,
     C: Clone,
 {
-    type Service = Balance<D, St, Kx, C>;
+    type Service = Balance<D::Key, W::Service, St, Kx, C>;
 
     fn layer(&self, discover: D) -> Self::Service {
-        Balance::with_parts(
+        build(
             discover,
             self.strategy.clone(),
             self.key.clone(),

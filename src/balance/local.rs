@@ -16,14 +16,15 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::future::{LatencyProbe, ResponseFuture};
-use super::shared::{Control, Shared, Snapshot, Source};
 use super::wait::Waiting;
+use super::Front;
+use crate::control::table::{Snapshot, Source, Table, FAILED};
+use crate::control::{Message, Shared};
 use crate::endpoint::clock;
 use crate::error::Error;
-use crate::key::RequestKey;
+use crate::key::MaybeKey;
 use crate::strategy::{Endpoints, LocalState, PickContext, Picker};
-use crate::sync::Arc;
-use crate::table::{Published, FAILED};
+use crate::util::sync::Arc;
 
 /// Copies a new clone keeps inline, before it needs a table indexed by slot.
 const FEW: usize = 2;
@@ -85,7 +86,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     /// Moves to the newest table: drops the copies of services it no longer has (just those
     /// the table lists when the clone was one table behind, else by a sweep of the copies),
     /// and any reservation.
-    pub(super) fn sync(&mut self, table: &Published<Snapshot<S, P>>) {
+    pub(super) fn sync(&mut self, table: &Table<Snapshot<S, P>>) {
         let (version, snapshot) = table.load();
         if self.snapshot.is_some() && self.version.wrapping_add(1) == version {
             for &(slot, id) in snapshot.invalidated.iter() {
@@ -111,7 +112,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     pub(super) fn pick_ready<Req>(
         &mut self,
         cx: &mut Context<'_>,
-        control: &mpsc::UnboundedSender<Control>,
+        messages: &mpsc::UnboundedSender<Message>,
     ) -> Poll<Option<usize>>
     where
         S: Service<Req>,
@@ -149,7 +150,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
             if index >= n {
                 break;
             }
-            match poll_endpoint::<S, P, Req>(snapshot, copies, index, cx, control) {
+            match poll_endpoint::<S, P, Req>(snapshot, copies, index, cx, messages) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
@@ -158,7 +159,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let start = pick.rng.below(n);
         for offset in 0..n {
             let index = (start + offset) % n;
-            match poll_endpoint::<S, P, Req>(snapshot, copies, index, cx, control) {
+            match poll_endpoint::<S, P, Req>(snapshot, copies, index, cx, messages) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
@@ -193,12 +194,12 @@ impl<S: Clone, P: Picker> Local<S, P> {
     pub(super) fn call<K, Kx, C, Req>(
         &mut self,
         request: Req,
-        shared: &Shared<K, S, P, Kx>,
+        shared: &Shared<K, S, P, Front<Kx>>,
         completion: &C,
     ) -> ResponseFuture<S, Req, C>
     where
         S: Service<Req>,
-        Kx: RequestKey<Req>,
+        Kx: MaybeKey<Req>,
         C: Clone,
     {
         let reserved = std::mem::replace(&mut self.reserved, Reserved::None);
@@ -214,6 +215,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
                 };
                 let mut hasher = snapshot.picker.key_hasher();
                 let key_hash = shared
+                    .front
                     .key
                     .hash_key(&request, &mut hasher)
                     .then(|| hasher.finish());
@@ -335,7 +337,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         &mut self,
         mut request: Req,
         key_hash: Option<u64>,
-        shared: &Shared<K, S, P, Kx>,
+        shared: &Shared<K, S, P, Front<Kx>>,
         completion: &C,
     ) -> ResponseFuture<S, Req, C>
     where
@@ -414,7 +416,7 @@ fn poll_endpoint<S, P, Req>(
     copies: &mut Copies<S>,
     index: usize,
     cx: &mut Context<'_>,
-    control: &mpsc::UnboundedSender<Control>,
+    messages: &mpsc::UnboundedSender<Message>,
 ) -> Poll<bool>
 where
     S: Service<Req> + Clone,
@@ -437,7 +439,7 @@ where
             tracing::debug!(%error, "endpoint failed poll_ready");
             copy.service = None;
             handle.record_failure();
-            let _ = control.send(Control::Failed {
+            let _ = messages.send(Message::Failed {
                 handle: handle.clone(),
                 id: source.id,
             });

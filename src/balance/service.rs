@@ -2,32 +2,34 @@
 
 use std::fmt;
 use std::hash::Hash;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::{mpsc, Notify};
 use tower::discover::Discover;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::driver::Driver;
 use super::future::ResponseFuture;
 use super::handle::{BalanceHandle, ControlPlane};
 use super::local::{Local, Reserved, NO_VERSION};
-use super::shared::{Config, Registry, Shared, SharedOf, Snapshot};
 use super::wait::{Waiting, Woken};
+use super::Shared;
 use crate::completion::{CompleteOnResponse, TrackCompletion};
-use crate::endpoint::EndpointEvents;
+use crate::control::table::FAILED;
 use crate::error::Error;
-use crate::key::{NoKey, RequestKey};
+use crate::key::{MaybeKey, NoKey};
 use crate::stats::Stats;
-use crate::strategy::{decay_ns, Endpoints, Picker, Rebuild, Strategy};
-use crate::sync::{lock, AtomicBool, AtomicU64, CachePadded, Mutex};
-use crate::table::{Published, FAILED};
-use crate::weight::{Unweighted, Weigh};
+use crate::strategy::Strategy;
+use crate::util::rng::FastRng;
+use crate::util::sync::Ordering;
+use crate::weight::Unweighted;
 
 /// Picks an endpoint per request from a discovered set; see the [crate docs](crate).
+///
+/// `K` is the discovery key and `S` the endpoint service (as the balancer keeps it: the inner
+/// service of [`Weighted`](crate::weight::Weighted) ones); neither names the discovery
+/// stream, so a struct field can hold a `Balance<SocketAddr, HttpEndpoint<Body>,
+/// LeastConnections>` whatever source feeds it. [`BoxBalance`] erases the rest.
 ///
 /// Built by [`BalanceLayer`](crate::BalanceLayer) or [`Balance::new`]. It is `Clone`, `Send`
 /// and `Sync` (for endpoint services that are `Clone + Send + Sync`, as hyper-util's client,
@@ -39,176 +41,94 @@ use crate::weight::{Unweighted, Weigh};
 /// allocation: it starts from its parent's table and copies an endpoint's service (one
 /// `Clone` of it) only when it first polls that endpoint. A long-lived clone keeps its copies
 /// across table changes, dropping only those of removed or replaced services. See the crate
-/// docs' *Clones* section for measured costs.
+/// docs for measured costs.
 ///
 /// The discovery task runs on the tokio runtime current at construction (or, if there is
 /// none, the one current at the first `poll_ready`); it processes changes even when no
 /// request arrives, and ends when the last clone is dropped.
-pub struct Balance<D, St, Kx = NoKey, C = CompleteOnResponse>
+pub struct Balance<K, S, St, Kx = NoKey, C = CompleteOnResponse>
 where
-    D: Discover,
     St: Strategy,
 {
-    shared: Arc<SharedOf<D, St, Kx>>,
-    local: Local<D::Service, St::Picker>,
-    completion: C,
-    _discover: PhantomData<fn() -> D>,
+    pub(super) shared: Arc<Shared<K, S, St, Kx>>,
+    pub(super) local: Local<S, St::Picker>,
+    pub(super) completion: C,
 }
 
-impl<D, St> Balance<D, St>
+/// A balancer with everything but its requests and responses erased: a type for struct
+/// fields and trait objects, from [`Balance::boxed`].
+pub type BoxBalance<Req, Resp> = tower::util::BoxCloneSyncService<Req, Resp, BoxError>;
+
+impl<K, S, St> Balance<K, S, St>
 where
-    D: Discover + Send + 'static,
-    D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Clone + Send + Sync + 'static,
-    D::Error: Into<BoxError>,
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
     St: Strategy,
 {
     /// Balances over the endpoints `discover` yields, choosing with `strategy`; every
     /// endpoint weighs 1 until a [`BalanceHandle`] reweights it.
-    pub fn new(discover: D, strategy: St) -> Self {
-        Self::with_parts(
+    pub fn new<D>(discover: D, strategy: St) -> Self
+    where
+        D: Discover<Key = K, Service = S> + Send + 'static,
+        D::Error: Into<BoxError>,
+    {
+        super::layer::build(
             discover,
             strategy,
             NoKey,
             Unweighted,
             CompleteOnResponse,
-            Config::default(),
+            super::layer::Config::default(),
         )
     }
 }
 
-impl<D, St, Kx, C> Balance<D, St, Kx, C>
+impl<K, S, St, Kx, C> Balance<K, S, St, Kx, C>
 where
-    D: Discover + Send + 'static,
-    D::Key: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
-    D::Service: Clone + Send + Sync + 'static,
-    D::Error: Into<BoxError>,
-    St: Strategy,
-    Kx: Send + Sync + 'static,
-{
-    pub(crate) fn with_parts<W>(
-        discover: D,
-        strategy: St,
-        key: Kx,
-        weigher: W,
-        completion: C,
-        config: Config,
-    ) -> Self
-    where
-        W: Weigh<D::Key, D::Service>,
-    {
-        let (control, control_rx) = mpsc::unbounded_channel();
-        let events = Arc::new(EndpointEvents {
-            eject_after: config.outlier.map_or(0, |o| o.consecutive_failures),
-            max_ejected: std::sync::atomic::AtomicUsize::new(0),
-            ejected: std::sync::atomic::AtomicUsize::new(0),
-            wake: Arc::new(Notify::new()),
-        });
-        strategy.attach(Rebuild {
-            control: control.downgrade(),
-        });
-        let empty = strategy.build(&Endpoints::new(&[]));
-        let (rotation_base, seed_base) = match config.seed {
-            Some(seed) => (crate::key::mix64(seed) >> 1, seed),
-            None => {
-                let mut rng = crate::rng::FastRng::new();
-                (rng.next_u64() >> 1, rng.next_u64())
-            }
-        };
-        let shared = Arc::new(Shared {
-            table: Published::new(Snapshot {
-                endpoints: Box::new([]),
-                sources: Box::new([]),
-                members: Box::new([]),
-                invalidated: Box::new([]),
-                keyed: empty.is_keyed(),
-                latency_decay_ns: empty.latency_decay().map(decay_ns),
-                picker: empty,
-                honor_ejection: true,
-            }),
-            registry: Mutex::new(Registry::new()),
-            published: Arc::new(Notify::new()),
-            control,
-            key,
-            config,
-            unspawned: Mutex::new(None),
-            spawned: AtomicBool::new(false),
-            discovery_errors: AtomicU64::new(0),
-            discovery_ended: AtomicBool::new(false),
-            panicking: AtomicBool::new(false),
-            failure: std::sync::OnceLock::new(),
-            clones: CachePadded(AtomicU64::new(0)),
-            rotation_base,
-            seed_base,
-        });
-        let mut driver = Driver::new(
-            discover,
-            strategy,
-            weigher,
-            control_rx,
-            Arc::downgrade(&shared),
-            config,
-            events,
-        );
-        // Take in everything discovery has ready now (a fixed list, say, however long), so the
-        // first request does not race the task's first turn. The task registers its real
-        // waker when it runs.
-        driver.prime();
-        *lock(&shared.unspawned) = Some(Box::pin(driver));
-        // Start discovery now if a runtime is current; otherwise at the first poll_ready.
-        let _ = shared.spawn_driver();
-        // No table yet: a balancer that is only ever cloned (axum's `State`, say) must not
-        // keep a table, and with it removed endpoints' services, alive.
-        let local = Local::new(shared.local_state(), NO_VERSION, None);
-        Self {
-            shared,
-            local,
-            completion,
-            _discover: PhantomData,
-        }
-    }
-}
-
-impl<D, St, Kx, C> Balance<D, St, Kx, C>
-where
-    D: Discover,
-    D::Key: Hash + Eq + Clone,
+    K: Hash + Eq + Clone,
     St: Strategy,
 {
     /// A snapshot of every endpoint's counters and state.
-    pub fn stats(&self) -> Stats<D::Key> {
+    pub fn stats(&self) -> Stats<K> {
         self.shared.stats()
     }
 }
 
-impl<D, St, Kx, C> Balance<D, St, Kx, C>
+impl<K, S, St, Kx, C> Balance<K, S, St, Kx, C>
 where
-    D: Discover,
-    D::Key: Hash + Eq + Clone + Send + Sync + 'static,
-    D::Service: Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    S: Send + Sync + 'static,
     St: Strategy,
     Kx: Send + Sync + 'static,
 {
-    /// A handle for stats and runtime reweighting that does not keep the balancer alive.
-    pub fn handle(&self) -> BalanceHandle<D::Key> {
-        let shared: Arc<dyn ControlPlane<D::Key>> = self.shared.clone();
+    /// A handle for stats, runtime reweighting and drain that does not keep the balancer
+    /// alive.
+    pub fn handle(&self) -> BalanceHandle<K> {
+        let shared: Arc<dyn ControlPlane<K>> = self.shared.clone();
         BalanceHandle::new(Arc::downgrade(&shared))
     }
 }
 
-impl<D, St, Kx, C> Balance<D, St, Kx, C>
+impl<K, S, St, Kx, C> Balance<K, S, St, Kx, C>
 where
-    D: Discover,
-    D::Service: Clone,
     St: Strategy,
 {
-    /// The number of endpoint services this clone has copied so far (for tests of what a
-    /// clone costs).
-    #[doc(hidden)]
-    pub fn copied_services(&self) -> usize {
-        self.local.copies()
+    /// Erases the balancer's type parameters but its requests and responses: a
+    /// [`BoxBalance`] is what a struct field or a trait object names.
+    pub fn boxed<Req>(self) -> BoxBalance<Req, <Self as Service<Req>>::Response>
+    where
+        Self: Service<Req, Error = BoxError> + Clone + Send + Sync + 'static,
+        <Self as Service<Req>>::Future: Send + 'static,
+    {
+        BoxBalance::new(self)
     }
+}
 
+impl<K, S, St, Kx, C> Balance<K, S, St, Kx, C>
+where
+    S: Clone,
+    St: Strategy,
+{
     /// Moves to the newest table (the slow path of `poll_ready`): fails if the discovery task
     /// failed, or if it cannot be started for want of a runtime.
     #[cold]
@@ -216,14 +136,14 @@ where
         if version & FAILED != 0 {
             return Err(self.shared.failure().into());
         }
-        self.shared.ensure_driver()?;
+        self.shared.task.ensure_spawned()?;
         self.local.sync(&self.shared.table);
         Ok(())
     }
 
     /// No endpoint is usable: fail at once, or wait (bounded) for discovery.
     fn poll_no_endpoints(&mut self, seen: u64, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let Some(wait) = self.shared.config.wait_for_endpoints else {
+        let Some(wait) = self.shared.front.wait_for_endpoints else {
             return Poll::Ready(Err(Error::NoEndpoints.into()));
         };
         let waiting = self
@@ -249,20 +169,26 @@ where
     }
 }
 
-impl<D, St, Kx, C, Req> Service<Req> for Balance<D, St, Kx, C>
+impl<K, S, St, Kx, C, Req> Service<Req> for Balance<K, S, St, Kx, C>
 where
-    D: Discover,
-    D::Service: Service<Req> + Clone,
-    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
     St: Strategy,
-    Kx: RequestKey<Req>,
-    C: TrackCompletion<<D::Service as Service<Req>>::Response>,
+    Kx: MaybeKey<Req>,
+    C: TrackCompletion<S::Response>,
 {
     type Response = C::Output;
     type Error = BoxError;
-    type Future = ResponseFuture<D::Service, Req, C>;
+    type Future = ResponseFuture<S, Req, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        const {
+            assert!(
+                !(St::KEYED && <Kx as MaybeKey<Req>>::NONE),
+                "this strategy picks by request key: give the BalanceLayer one with `.key(...)` \
+                 (e.g. tower_lb::key::key_fn, or tower_lb::http::HeaderKey)"
+            )
+        };
         let version = self.shared.table.version();
         if version != self.local.version {
             self.catch_up(version)?;
@@ -275,7 +201,7 @@ where
         let usable = if snapshot.keyed {
             self.local.any_usable().then_some(Reserved::Keyed)
         } else {
-            match self.local.pick_ready::<Req>(cx, &self.shared.control) {
+            match self.local.pick_ready::<Req>(cx, &self.shared.messages) {
                 Poll::Ready(found) => found.map(Reserved::Endpoint),
                 Poll::Pending => return Poll::Pending,
             }
@@ -295,10 +221,9 @@ where
     }
 }
 
-impl<D, St, Kx, C> Clone for Balance<D, St, Kx, C>
+impl<K, S, St, Kx, C> Clone for Balance<K, S, St, Kx, C>
 where
-    D: Discover,
-    D::Service: Clone,
+    S: Clone,
     St: Strategy,
     C: Clone,
 {
@@ -313,16 +238,28 @@ where
         };
         Self {
             shared: Arc::clone(&self.shared),
-            local: Local::new(self.shared.local_state(), version, snapshot),
+            local: Local::new(clone_state(&self.shared.front), version, snapshot),
             completion: self.completion.clone(),
-            _discover: PhantomData,
         }
     }
 }
 
-impl<D, St, Kx, C> fmt::Debug for Balance<D, St, Kx, C>
+/// The picking state of a new clone, in O(1): its cursor one step after the previous clone's,
+/// its generator seeded from the balancer's seed and the clone's number.
+pub(super) fn clone_state<Kx>(front: &super::Front<Kx>) -> crate::strategy::LocalState {
+    let clone = front.clones.fetch_add(1, Ordering::Relaxed);
+    let mut local = crate::strategy::LocalState::with_rng(FastRng::seeded(crate::key::mix64(
+        front.seed_base ^ clone.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    )));
+    // Clones start their rotations where the previous clone did, one further on: a service
+    // that clones the balancer per request (axum's `State`, say) still rotates exactly, and
+    // long-lived clones start spread out.
+    local.cursor = clone.wrapping_add(front.rotation_base);
+    local
+}
+
+impl<K, S, St, Kx, C> fmt::Debug for Balance<K, S, St, Kx, C>
 where
-    D: Discover,
     St: Strategy,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

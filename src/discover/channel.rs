@@ -18,7 +18,7 @@ use tower::discover::Change;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use tower::{service_fn, Layer};
-/// use tower_lb::{discover, BalanceLayer, RoundRobin};
+/// use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 ///
 /// let (handle, source) = discover::channel();
 /// let balance = BalanceLayer::new(RoundRobin::new()).layer(source);

@@ -2,9 +2,13 @@
 //!
 //! - [`fixed`]: a list known up front.
 //! - [`channel`]: a [`DiscoverHandle`] that inserts and removes endpoints at run time.
-//! - [`HealthCheck`]: wraps any of these (or any other source) and passes on only the
-//!   endpoints whose probes pass: [`TcpProbe`], `HttpProbe` (feature `http`) or an async
-//!   function ([`probe_fn`]).
+//! - [`HealthCheck`](crate::health::HealthCheck) (in [`health`](crate::health)): wraps any of
+//!   these (or any other source) and passes on only the endpoints whose probes pass.
+//! - [`dns`] (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
+//!   TTLs run out.
+//! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
+//!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
+//!   address, a hyper client, anything — keeping the keys.
 //!
 //! Any other `Discover` works too: a balancer accepts any stream of
 //! [`Change`](tower::discover::Change)s.
@@ -12,8 +16,9 @@
 //! ```
 //! use std::time::Duration;
 //! use tower::service_fn;
-//! use tower_lb::discover::{self, probe_fn, HealthCheckBuilder};
-//! use tower_lb::{Balance, RoundRobin};
+//! use tower_lb::discover;
+//! use tower_lb::health::{probe_fn, HealthCheckBuilder};
+//! use tower_lb::{strategy::RoundRobin, Balance};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), tower_lb::ConfigError> {
@@ -38,15 +43,15 @@
 //! ```
 
 mod channel;
+mod connect;
+#[cfg(feature = "dns")]
+pub mod dns;
 mod fixed;
-mod health;
+mod target;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
+pub use connect::{connect, connect_service, Connect, ConnectService, MakeEndpoint, MakeError};
 pub use fixed::{fixed, Fixed};
 #[cfg(feature = "http")]
-pub use health::HttpProbe;
-pub use health::{
-    probe_fn, BoxProbeFuture, EndpointHealth, HealthCheck, HealthCheckBuilder, HealthStatus,
-    InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
-    TcpProbe,
-};
+pub(crate) use target::check_authority;
+pub use target::Target;

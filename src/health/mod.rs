@@ -1,8 +1,9 @@
-//! Passive health: outlier ejection, the panic threshold, slow start and drain.
+//! Health: active checks as a discovery adapter, and what the balancer itself learns from
+//! traffic — outlier ejection, the panic threshold, slow start and drain.
 //!
-//! Active health checking (probes) is a discovery adapter, in
-//! [`discover`](crate::discover); what lives here is what the balancer itself learns from
-//! traffic and what it does about it.
+//! - [`HealthCheck`]: wraps any endpoint source and passes on only the endpoints whose probes
+//!   pass — [`TcpProbe`], [`HttpProbe`](crate::http::HttpProbe) (feature `http`) or an async
+//!   function ([`probe_fn`]) — with rise/fall counts, jittered intervals and timeouts.
 //!
 //! - [`OutlierDetection`]: an endpoint whose responses fail `consecutive_failures` times in a
 //!   row is ejected — taken out of picks — for `base_ejection_time` × the number of times it
@@ -10,7 +11,7 @@
 //!   `max_ejected_percent` of the endpoints (but always at least one) are ejected at once. An
 //!   endpoint that stays healthy for `max_ejection_time` after returning starts again from one
 //!   ejection. Failures are errors from the endpoint, plus responses the balancer's
-//!   [`TrackCompletion`](crate::TrackCompletion) classifies as failures (with the `http`
+//!   [`TrackCompletion`](crate::completion::TrackCompletion) classifies as failures (with the `http`
 //!   feature, 5xx by default).
 //! - **Panic threshold** ([`BalanceLayer::panic_threshold`](crate::BalanceLayer::panic_threshold)):
 //!   when fewer than this share of the endpoints are available (not ejected), the balancer
@@ -25,7 +26,7 @@
 //! ```
 //! use std::time::Duration;
 //! use tower_lb::health::{OutlierDetection, SlowStart};
-//! use tower_lb::{BalanceLayer, RoundRobin};
+//! use tower_lb::{strategy::RoundRobin, BalanceLayer};
 //!
 //! let layer = BalanceLayer::new(RoundRobin::new())
 //!     .outlier_detection(
@@ -39,8 +40,43 @@
 //! # Ok::<(), tower_lb::ConfigError>(())
 //! ```
 
-mod outlier;
+pub(crate) mod active;
+mod drain;
+pub(crate) mod outlier;
+pub(crate) mod panic;
 pub(crate) mod slow_start;
 
+pub use active::{
+    probe_fn, BoxProbeFuture, EndpointHealth, HealthCheck, HealthCheckBuilder, HealthStatus,
+    InitialHealth, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture, ProbeOutcome,
+    TcpProbe,
+};
+pub use drain::Drain;
 pub use outlier::OutlierDetection;
 pub use slow_start::SlowStart;
+
+/// The passive health settings the discovery task applies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Passive {
+    pub(crate) outlier: Option<OutlierDetection>,
+    /// Below this share of available endpoints, ejected ones are used too; 0 disables it.
+    pub(crate) panic_threshold: f64,
+    pub(crate) slow_start: Option<SlowStart>,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Self {
+            outlier: None,
+            panic_threshold: 0.5,
+            slow_start: None,
+        }
+    }
+}
+
+impl Passive {
+    /// Whether any of it needs a clock.
+    pub(crate) fn is_timed(&self) -> bool {
+        self.outlier.is_some() || self.slow_start.is_some()
+    }
+}

@@ -1,7 +1,12 @@
-//! Outlier detection settings.
+//! Outlier detection: the settings, the decision to eject (on the response path), and each
+//! endpoint's ejections (timed by the discovery task).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use crate::endpoint::{EndpointState, FailureReport, EJECTED};
 use crate::error::ConfigError;
 
 /// When and for how long the balancer ejects an endpoint that keeps failing; see
@@ -98,6 +103,122 @@ impl OutlierDetection {
     pub(crate) fn max_ejected(&self, endpoints: usize) -> usize {
         (endpoints * usize::from(self.max_ejected_percent) / 100).max(1)
     }
+}
+
+/// Ejects endpoints on the response path: the failure that completes a run of
+/// `consecutive_failures` ejects its endpoint at once (within the cap on ejected endpoints)
+/// and wakes the discovery task, which times the ejection.
+pub(crate) struct Ejector {
+    eject_after: u32,
+    /// How many endpoints may be ejected at once, and how many are.
+    max_ejected: AtomicUsize,
+    ejected: AtomicUsize,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Ejector {
+    pub(crate) fn new(config: &OutlierDetection, wake: impl Fn() + Send + Sync + 'static) -> Self {
+        Self {
+            eject_after: config.consecutive_failures,
+            max_ejected: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+            wake: Box::new(wake),
+        }
+    }
+
+    /// Sets the cap for a table of `endpoints` usable endpoints.
+    pub(crate) fn set_endpoints(&self, config: &OutlierDetection, endpoints: usize) {
+        self.max_ejected
+            .store(config.max_ejected(endpoints), Ordering::Release);
+    }
+
+    /// An ejected endpoint is back: its place under the cap is free.
+    pub(crate) fn returned(&self) {
+        self.ejected.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes one of the places under the cap, if one is free.
+    fn try_take(&self) -> bool {
+        let max = self.max_ejected.load(Ordering::Acquire);
+        self.ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+impl FailureReport for Ejector {
+    fn failed(&self, endpoint: &EndpointState, in_a_row: u32) {
+        if in_a_row == self.eject_after && self.try_take() {
+            if endpoint.set_flag(EJECTED) {
+                (self.wake)();
+            } else {
+                // Already ejected (a race with another run's end): give the place back.
+                self.returned();
+            }
+        }
+    }
+}
+
+/// One endpoint's ejections, as the discovery task times them.
+#[derive(Debug, Default)]
+pub(crate) struct Ejection {
+    /// Ejections since the count last started over.
+    count: u32,
+    /// When the current ejection ends.
+    until: Option<Instant>,
+    /// When the endpoint last came back.
+    returned_at: Option<Instant>,
+}
+
+impl Ejection {
+    /// Times an ejection the response path started; returns its length. A long healthy
+    /// stretch since the last return starts the count over.
+    pub(crate) fn start(&mut self, config: &OutlierDetection, now: Instant) -> Duration {
+        if self
+            .returned_at
+            .is_some_and(|at| now.saturating_duration_since(at) >= config.max_ejection_time)
+        {
+            self.count = 0;
+        }
+        self.count += 1;
+        let time = config.ejection_time(self.count);
+        // A time too long for the clock means "until further notice": about 30 years.
+        self.until = Some(now.checked_add(time).unwrap_or_else(far_future));
+        time
+    }
+
+    /// Whether an ejection is being timed.
+    pub(crate) fn is_timed(&self) -> bool {
+        self.until.is_some()
+    }
+
+    /// Ends the ejection if it is due; returns whether it did.
+    pub(crate) fn end_if_due(&mut self, now: Instant) -> bool {
+        if self.until.is_some_and(|until| until <= now) {
+            self.until = None;
+            self.returned_at = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the current ejection ends.
+    pub(crate) fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// Ejections since the count last started over.
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+}
+
+/// An instant further than any timer needs to go: about 30 years from now.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(30 * 365 * 24 * 60 * 60)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! Slow start settings.
+//! Slow start: the settings, and each endpoint's ramp.
 
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::error::ConfigError;
 
@@ -69,6 +71,66 @@ impl SlowStart {
         let ramp = time.powf(1.0 / self.aggression);
         let floor = f64::from(self.min_weight_percent) / 100.0;
         (ramp.max(floor) * f64::from(SCALE)).round() as u32
+    }
+}
+
+/// One endpoint's slow start, while it lasts.
+#[derive(Debug, Default)]
+pub(crate) struct Ramp {
+    /// When it began.
+    from: Option<Instant>,
+    /// The factor of the last table, so that tables are rebuilt only when the ramp moves.
+    factor: u32,
+}
+
+impl Ramp {
+    /// Starts (or restarts) the ramp at `now`.
+    pub(crate) fn start(&mut self, now: Instant) {
+        self.from = Some(now);
+        self.factor = 0;
+    }
+
+    /// Stops ramping: full weight from now on.
+    pub(crate) fn stop(&mut self) {
+        self.from = None;
+        self.factor = 0;
+    }
+
+    pub(crate) fn is_ramping(&self) -> bool {
+        self.from.is_some()
+    }
+
+    /// Moves the ramp to `now`; returns whether its factor changed (or it ended), so that a
+    /// new table is needed.
+    pub(crate) fn step(&mut self, config: &SlowStart, now: Instant) -> bool {
+        let Some(from) = self.from else {
+            return false;
+        };
+        let elapsed = now.saturating_duration_since(from);
+        if elapsed >= config.window {
+            self.stop();
+            return true;
+        }
+        let factor = config.factor(elapsed);
+        let moved = factor != self.factor;
+        self.factor = factor;
+        moved
+    }
+
+    /// The weight factor now, in 1/[`SCALE`]ths: [`SCALE`] when not ramping.
+    pub(crate) fn factor(&self, config: &SlowStart, now: Instant) -> u32 {
+        self.from.map_or(SCALE, |from| {
+            config.factor(now.saturating_duration_since(from))
+        })
+    }
+
+    /// When the ramp next moves.
+    pub(crate) fn next_step(&self, config: &SlowStart, now: Instant) -> Option<Instant> {
+        let from = self.from?;
+        let step = (config.window / STEPS).max(Duration::from_nanos(1));
+        let elapsed = now.saturating_duration_since(from);
+        let done = (elapsed.as_nanos() / step.as_nanos()) as u32;
+        from.checked_add(step * done.saturating_add(1))
     }
 }
 

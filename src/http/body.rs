@@ -29,7 +29,7 @@ pub enum BodyCompletion {
 ///
 /// ```
 /// use tower_lb::http::TrackBody;
-/// use tower_lb::{BalanceLayer, RoundRobin};
+/// use tower_lb::{strategy::RoundRobin, BalanceLayer};
 ///
 /// let layer = BalanceLayer::new(RoundRobin::new()).track_completion(TrackBody::end_of_stream());
 /// # let _ = layer;

@@ -1,25 +1,29 @@
-//! An endpoint service that sends requests to one address over a shared hyper-util client.
+//! An endpoint service that sends requests to one address over a hyper-util client.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_core::Stream;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connect as HyperConnect, HttpConnector};
 use hyper_util::client::legacy::{Client, Error as ClientError, ResponseFuture};
-use pin_project_lite::pin_project;
-use tower::discover::Change;
 use tower_service::Service;
 
 use crate::error::ConfigError;
 
-/// Sends each request to one address: it sets the request URI's scheme and authority (keeping
-/// the path and query) and hands it to a shared hyper-util pooled client, so every endpoint of
-/// a balancer reuses one connection pool.
+/// Sends each request to one endpoint: it sets the request URI's scheme and authority
+/// (keeping the path and query) and hands it to a hyper-util pooled client.
+///
+/// Two kinds, one type:
+///
+/// - **By address over a shared client** ([`new`](Self::new), [`from_uri`](Self::from_uri),
+///   [`connect`](super::connect)): the authority is where the client connects, and every
+///   endpoint of a balancer reuses the client's one connection pool (keyed by authority).
+/// - **By name, pinned to an address** ([`MakeHttpEndpoint`](super::MakeHttpEndpoint)): the
+///   authority is the name the address was found under (DNS), sent as `Host` or `:authority`
+///   and used for TLS, while the endpoint's own client connects only to the address.
 ///
 /// It is always ready (the client queues for a connection itself). Cloning is cheap.
 ///
@@ -28,16 +32,17 @@ pub struct HttpEndpoint<B, C = HttpConnector> {
     client: Client<C, B>,
     scheme: Scheme,
     authority: Authority,
+    addr: Option<SocketAddr>,
 }
 
 impl<B, C: Clone> HttpEndpoint<B, C> {
-    /// An endpoint at `addr` over plain HTTP.
+    /// An endpoint at `addr` over plain HTTP, sharing `client`.
     pub fn new(client: &Client<C, B>, addr: SocketAddr) -> Self {
         Self {
             client: client.clone(),
             scheme: Scheme::HTTP,
-            authority: Authority::try_from(addr.to_string().as_str())
-                .expect("a socket address is a valid authority"),
+            authority: addr_authority(addr),
+            addr: Some(addr),
         }
     }
 
@@ -74,13 +79,48 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
             client: client.clone(),
             scheme,
             authority,
+            addr: None,
         })
     }
+}
 
-    /// The authority requests are sent to.
+impl<B, C> HttpEndpoint<B, C> {
+    /// An endpoint whose own `client` connects only to `addr` and whose requests carry
+    /// `authority`.
+    pub(super) fn pinned(
+        client: Client<C, B>,
+        scheme: Scheme,
+        authority: Authority,
+        addr: SocketAddr,
+    ) -> Self {
+        Self {
+            client,
+            scheme,
+            authority,
+            addr: Some(addr),
+        }
+    }
+
+    /// The authority requests carry.
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
+
+    /// The address it connects to, if it was made for one; `None` for
+    /// [`from_uri`](Self::from_uri), where the client resolves the authority.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+}
+
+/// An address as a URI authority (`10.0.0.7:80`, `[2001:db8::7]:80`). An IPv6 scope id is left
+/// out: a URI cannot carry one.
+pub(super) fn addr_authority(mut addr: SocketAddr) -> Authority {
+    if let SocketAddr::V6(v6) = &mut addr {
+        v6.set_scope_id(0);
+        v6.set_flowinfo(0);
+    }
+    Authority::try_from(addr.to_string()).expect("an ip:port without scope is a valid authority")
 }
 
 impl<B, C> Service<Request<B>> for HttpEndpoint<B, C>
@@ -118,6 +158,7 @@ impl<B, C: Clone> Clone for HttpEndpoint<B, C> {
             client: self.client.clone(),
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
+            addr: self.addr,
         }
     }
 }
@@ -127,62 +168,7 @@ impl<B, C> fmt::Debug for HttpEndpoint<B, C> {
         f.debug_struct("HttpEndpoint")
             .field("scheme", &self.scheme)
             .field("authority", &self.authority)
+            .field("addr", &self.addr)
             .finish()
-    }
-}
-
-/// Turns a discovery stream of addresses (`Change<K, SocketAddr>`) into one of
-/// [`HttpEndpoint`]s over `client`.
-///
-/// ```
-/// use std::net::SocketAddr;
-/// use http_body_util::Full;
-/// use hyper::body::Bytes;
-/// use hyper_util::client::legacy::Client;
-/// use hyper_util::rt::TokioExecutor;
-/// use tower_lb::{discover, http::connect};
-///
-/// let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-/// let addrs: [SocketAddr; 2] = ["127.0.0.1:8081".parse().unwrap(), "127.0.0.1:8082".parse().unwrap()];
-/// let endpoints = connect(client, discover::fixed(addrs.map(|a| (a, a))));
-/// # let _ = endpoints;
-/// ```
-pub fn connect<D, C, B>(client: Client<C, B>, addresses: D) -> Connect<D, C, B> {
-    Connect { addresses, client }
-}
-
-pin_project! {
-    /// The discovery stream [`connect`] returns.
-    pub struct Connect<D, C, B> {
-        #[pin]
-        addresses: D,
-        client: Client<C, B>,
-    }
-}
-
-impl<D, K, E, C, B> Stream for Connect<D, C, B>
-where
-    D: Stream<Item = Result<Change<K, SocketAddr>, E>>,
-    C: Clone,
-{
-    type Item = Result<Change<K, HttpEndpoint<B, C>>, E>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.project();
-        let change = std::task::ready!(this.addresses.poll_next(cx));
-        Poll::Ready(change.map(|change| {
-            change.map(|change| match change {
-                Change::Insert(key, addr) => {
-                    Change::Insert(key, HttpEndpoint::new(this.client, addr))
-                }
-                Change::Remove(key) => Change::Remove(key),
-            })
-        }))
-    }
-}
-
-impl<D, C, B> fmt::Debug for Connect<D, C, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connect").finish_non_exhaustive()
     }
 }

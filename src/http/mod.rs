@@ -1,7 +1,7 @@
 //! HTTP integration (feature `http`): request keys, in-flight until the body ends, and an
 //! endpoint service that sends requests to an address.
 //!
-//! - [`ClientIp`], [`HeaderKey`], [`PathKey`], [`CookieKey`]: [`RequestKey`](crate::RequestKey)s
+//! - [`ClientIp`], [`HeaderKey`], [`PathKey`], [`CookieKey`]: [`RequestKey`](crate::key::RequestKey)s
 //!   for consistent hashing of `http::Request`s. The client IP comes from the connection
 //!   ([`PeerAddr`], or axum's `ConnectInfo<SocketAddr>` with the `axum` feature); forwarding
 //!   headers are believed only from configured trusted proxies.
@@ -10,6 +10,11 @@
 //! - [`HttpEndpoint`] and [`connect`]: an endpoint service that points each request at one
 //!   address over a shared pooled hyper-util client, and a `Discover` adapter that turns
 //!   discovered addresses into such services.
+//! - [`HttpProbe`]: an HTTP `GET` probe for active health checks
+//!   ([`HealthCheck`](crate::health::HealthCheck)).
+//! - [`MakeHttpEndpoint`]: endpoints for addresses found by name (DNS) that keep the name —
+//!   `Host` over HTTP/1.1, `:authority` over HTTP/2, the TLS server name — while connecting to
+//!   the address ([`ConnectTo`]); use it with [`discover::connect`](crate::discover::connect).
 //!
 //! ```
 //! use std::net::SocketAddr;
@@ -19,7 +24,7 @@
 //! use hyper_util::rt::TokioExecutor;
 //! use tower::Layer;
 //! use tower_lb::http::{connect, ClientIp, TrackBody};
-//! use tower_lb::{discover, BalanceLayer, RoundRobin};
+//! use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
@@ -37,7 +42,11 @@
 mod body;
 mod endpoint;
 mod key;
+mod make;
+mod probe;
 
 pub use body::{BodyCompletion, TrackBody, TrackedBody};
-pub use endpoint::{connect, Connect, HttpEndpoint};
+pub use endpoint::HttpEndpoint;
 pub use key::{ClientIp, CookieKey, HeaderKey, PathKey, PeerAddr};
+pub use make::{connect, ConnectTo, MakeHttpEndpoint};
+pub use probe::HttpProbe;

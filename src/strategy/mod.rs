@@ -17,7 +17,7 @@
 //! asks again (up to three times in all) before scanning the remaining endpoints from a
 //! random position for a ready one. An endpoint that has not reported ready is never called.
 //! Keyed strategies ([`Picker::is_keyed`]) pick in `call`, where the request is known: the
-//! balancer feeds the request's key (its [`RequestKey`](crate::RequestKey)) into the picker's
+//! balancer feeds the request's key (its [`RequestKey`](crate::key::RequestKey)) into the picker's
 //! [`Picker::key_hasher`] and hands the hash to the picker through [`PickContext::key_hash`]; see [`Picker::is_keyed`] for how readiness is
 //! honoured there. Keeping the key apart from the strategy means swapping, say, a ring for
 //! Maglev keeps the key, and strategies stay independent of the request type.
@@ -58,9 +58,10 @@ mod swap;
 mod weighted_round_robin;
 
 use std::fmt;
+use std::task::{Context, Poll};
 
 use crate::endpoint::{EndpointHandle, EndpointState};
-use crate::rng::FastRng;
+use crate::util::rng::FastRng;
 
 pub use consistent_hash::{ConsistentHash, ConsistentHashPicker, KeyFallback};
 pub use least_connections::{LeastConnections, LeastConnectionsPicker};
@@ -75,38 +76,27 @@ pub trait Strategy: Send + Sync + 'static {
     /// What this strategy builds for one set of endpoints.
     type Picker: Picker;
 
+    /// Whether every picker of this strategy picks by request key ([`Picker::is_keyed`]): a
+    /// balancer with such a strategy and no [`RequestKey`](crate::key::RequestKey) — a
+    /// `BalanceLayer` without `.key(...)`, keyed by [`NoKey`](crate::key::NoKey) — does not
+    /// compile. `false` (the default) for
+    /// strategies that decide at run time, such as [`BoxStrategy`] and [`Swappable`]; their
+    /// keyed pickers fail requests without a key with
+    /// [`Error::MissingKey`](crate::Error::MissingKey) (or apply their fallback).
+    const KEYED: bool = false;
+
     /// Precomputes whatever picking needs for this endpoint set. Called when membership or a
     /// weight changes, never on the request path.
     fn build(&self, endpoints: &Endpoints<'_>) -> Self::Picker;
 
-    /// Called once by each balancer that uses this strategy, with a handle that makes it
-    /// rebuild its picker. Strategies whose configuration changes at run time (such as
-    /// [`Swappable`]) keep it; the default ignores it.
-    fn attach(&self, rebuild: Rebuild) {
-        let _ = rebuild;
-    }
-}
-
-/// Asks one balancer to rebuild its picker from its strategy (off the request path).
-///
-/// Handed to [`Strategy::attach`]. It does not keep the balancer alive.
-#[derive(Clone)]
-pub struct Rebuild {
-    pub(crate) control: tokio::sync::mpsc::WeakUnboundedSender<crate::balance::Control>,
-}
-
-impl Rebuild {
-    /// Requests a rebuild; returns `false` if the balancer is gone.
-    pub fn request(&self) -> bool {
-        self.control
-            .upgrade()
-            .is_some_and(|control| control.send(crate::balance::Control::Rebuild).is_ok())
-    }
-}
-
-impl fmt::Debug for Rebuild {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Rebuild").finish_non_exhaustive()
+    /// For strategies whose configuration changes at run time (such as [`Swappable`]): `Ready`
+    /// when it has changed since the change numbered `seen` (0 at first), which it then
+    /// updates, so that the balancer builds a new picker; `Pending` otherwise, with `cx`'s
+    /// task woken at the next change. Each balancer keeps its own `seen`. The default never
+    /// changes.
+    fn poll_change(&self, seen: &mut u64, cx: &mut Context<'_>) -> Poll<()> {
+        let _ = (seen, cx);
+        Poll::Pending
     }
 }
 
@@ -146,9 +136,9 @@ pub trait Picker: Send + Sync + 'static {
     }
 
     /// The hasher a keyed picker wants request keys fed into; the default is
-    /// [`KeyHasher::stable`](crate::KeyHasher::stable) with seed 0.
-    fn key_hasher(&self) -> crate::KeyHasher {
-        crate::KeyHasher::default()
+    /// [`KeyHasher::stable`](crate::key::KeyHasher::stable) with seed 0.
+    fn key_hasher(&self) -> crate::key::KeyHasher {
+        crate::key::KeyHasher::default()
     }
 
     /// `Some(decay)` asks the balancer to measure each response's latency into the endpoint's
@@ -406,7 +396,7 @@ impl fmt::Debug for BoxStrategy {
 
 trait DynStrategy: Send + Sync + 'static {
     fn build_boxed(&self, endpoints: &Endpoints<'_>) -> BoxPicker;
-    fn attach_boxed(&self, rebuild: Rebuild);
+    fn poll_change_boxed(&self, seen: &mut u64, cx: &mut Context<'_>) -> Poll<()>;
 }
 
 impl<S: Strategy> DynStrategy for S {
@@ -414,8 +404,8 @@ impl<S: Strategy> DynStrategy for S {
         BoxPicker::new(self.build(endpoints))
     }
 
-    fn attach_boxed(&self, rebuild: Rebuild) {
-        self.attach(rebuild);
+    fn poll_change_boxed(&self, seen: &mut u64, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_change(seen, cx)
     }
 }
 
@@ -426,8 +416,8 @@ impl Strategy for BoxStrategy {
         self.inner.build_boxed(endpoints)
     }
 
-    fn attach(&self, rebuild: Rebuild) {
-        self.inner.attach_boxed(rebuild);
+    fn poll_change(&self, seen: &mut u64, cx: &mut Context<'_>) -> Poll<()> {
+        self.inner.poll_change_boxed(seen, cx)
     }
 }
 
@@ -486,7 +476,7 @@ trait DynPicker: Send + Sync + 'static {
         cx: &mut PickContext<'_, BoxLocal>,
     ) -> Option<usize>;
     fn is_keyed(&self) -> bool;
-    fn key_hasher(&self) -> crate::KeyHasher;
+    fn key_hasher(&self) -> crate::key::KeyHasher;
     fn latency_decay(&self) -> Option<std::time::Duration>;
 }
 
@@ -515,7 +505,7 @@ impl<P: Picker> DynPicker for P {
         Picker::is_keyed(self)
     }
 
-    fn key_hasher(&self) -> crate::KeyHasher {
+    fn key_hasher(&self) -> crate::key::KeyHasher {
         Picker::key_hasher(self)
     }
 
@@ -535,7 +525,7 @@ impl Picker for BoxPicker {
         self.inner.is_keyed()
     }
 
-    fn key_hasher(&self) -> crate::KeyHasher {
+    fn key_hasher(&self) -> crate::key::KeyHasher {
         self.inner.key_hasher()
     }
 

@@ -78,7 +78,7 @@ use crate::error::ConfigError;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_lb::{BalanceLayer, PowerOfTwoChoices};
+/// use tower_lb::{strategy::PowerOfTwoChoices, BalanceLayer};
 ///
 /// // Fewest requests in flight, from two random endpoints.
 /// let layer = BalanceLayer::new(PowerOfTwoChoices::new());

@@ -18,7 +18,7 @@ use super::{Endpoints, PickContext, Picker, Strategy};
 /// Pick cost: O(1): one random number, plus one table read when weighted.
 ///
 /// ```
-/// use tower_lb::{BalanceLayer, Random};
+/// use tower_lb::{strategy::Random, BalanceLayer};
 ///
 /// let uniform = BalanceLayer::new(Random::new());
 /// // Weights from discovery (`Weighted` services) or a `BalanceHandle`.

@@ -13,7 +13,7 @@ use super::{Endpoints, PickContext, Picker, Strategy};
 /// Pick cost: O(1), no atomic operation.
 ///
 /// ```
-/// use tower_lb::{BalanceLayer, RoundRobin};
+/// use tower_lb::{strategy::RoundRobin, BalanceLayer};
 /// let layer = BalanceLayer::new(RoundRobin::default());
 /// # let _ = layer;
 /// ```

@@ -76,7 +76,7 @@ const MAX_SCHEDULE_LEN: u64 = 1 << 18;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {
 /// use tower::{service_fn, Layer, Service, ServiceExt};
-/// use tower_lb::{discover, BalanceLayer, Weight, Weighted, WeightedRoundRobin};
+/// use tower_lb::{discover, strategy::WeightedRoundRobin, weight::{Weight, Weighted}, BalanceLayer};
 ///
 /// let backend = |name: &'static str| service_fn(move |_: ()| async move {
 ///     Ok::<_, std::convert::Infallible>(name)
@@ -730,7 +730,7 @@ mod tests {
     /// from one clone and from a new clone per pick alike.
     #[test]
     fn thousands_of_endpoints_with_large_weights_stay_near_their_share() {
-        let mut rng = crate::rng::FastRng::seeded(11);
+        let mut rng = crate::util::rng::FastRng::seeded(11);
         let weights: Vec<u32> = (0..4096).map(|_| 1 + rng.below(10_000) as u32).collect();
         let handles = endpoints(&weights);
         let picker = WeightedRoundRobin::new().build(&Endpoints::new(&handles));
@@ -765,7 +765,7 @@ mod tests {
     /// milliseconds in a release build; no wall-clock assertion, test machines are shared).
     #[test]
     fn a_cycle_near_the_cap_is_precomputed() {
-        let mut rng = crate::rng::FastRng::seeded(5);
+        let mut rng = crate::util::rng::FastRng::seeded(5);
         let weights: Vec<u32> = (0..4096).map(|_| 1 + rng.below(120) as u32).collect();
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
         assert!(total <= MAX_SCHEDULE_LEN && gcd_all(&weights) == 1);

@@ -9,6 +9,8 @@ use std::task::{Context, Poll, Waker};
 
 use tower::{BoxError, Service};
 
+pub mod dnsmasq;
+
 /// Answers its own id at once; always ready.
 #[derive(Clone, Debug)]
 pub struct Echo(pub usize);
@@ -28,13 +30,13 @@ impl<R> Service<R> for Echo {
 }
 
 /// `Echo` endpoints with these weights, keyed and answering by their index.
-pub fn weighted(weights: &[u32]) -> Vec<(usize, tower_lb::Weighted<Echo>)> {
+pub fn weighted(weights: &[u32]) -> Vec<(usize, tower_lb::weight::Weighted<Echo>)> {
     weights
         .iter()
         .enumerate()
         .map(|(id, &w)| {
-            let weight = tower_lb::Weight::new(w).unwrap();
-            (id, tower_lb::Weighted::new(Echo(id), weight))
+            let weight = tower_lb::weight::Weight::new(w).unwrap();
+            (id, tower_lb::weight::Weighted::new(Echo(id), weight))
         })
         .collect()
 }

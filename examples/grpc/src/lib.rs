@@ -24,9 +24,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tower::Layer;
-use tower_lb::discover::{self, Fixed};
+use tower_lb::discover;
 use tower_lb::http::TrackBody;
-use tower_lb::{Balance, BalanceLayer, NoKey, RoundRobin};
+use tower_lb::{key::NoKey, strategy::RoundRobin, Balance, BalanceLayer};
 
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
@@ -40,7 +40,7 @@ pub mod pb {
 
 /// The balancer: round-robin over one tonic `Channel` per server address, keeping each call
 /// in flight until its response body (a gRPC stream) ends.
-pub type EchoBalance = Balance<Fixed<SocketAddr, Channel>, RoundRobin, NoKey, TrackBody>;
+pub type EchoBalance = Balance<SocketAddr, Channel, RoundRobin, NoKey, TrackBody>;
 
 /// An `Echo` server that tells who it is and counts the calls it answers.
 #[derive(Clone, Debug)]

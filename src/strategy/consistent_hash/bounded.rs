@@ -11,7 +11,7 @@ use std::iter;
 
 use super::Endpoints;
 use crate::error::ConfigError;
-use crate::sync::{AtomicU64, Ordering};
+use crate::util::sync::{AtomicU64, Ordering};
 
 /// Endpoint counts re-read per pick (by whichever clone picks) to keep the shared estimate of
 /// the total fresh.

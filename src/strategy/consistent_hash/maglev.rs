@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn the_endgame_claims_what_probing_would() {
         let size = 1_009u32;
-        let mut rng = crate::rng::FastRng::seeded(3);
+        let mut rng = crate::util::rng::FastRng::seeded(3);
         let mut taken = vec![0u64; (size as usize).div_ceil(64)];
         for _ in 0..950 {
             let slot = rng.below(size as usize);

@@ -28,7 +28,7 @@ const MAX_POINTS_PER_WEIGHT: u32 = 10_000;
 /// Consistent hashing: requests with the same key go to the same endpoint, and a change of
 /// membership moves few keys.
 ///
-/// The balancer feeds each request's key (its [`RequestKey`](crate::RequestKey), set with
+/// The balancer feeds each request's key (its [`RequestKey`](crate::key::RequestKey), set with
 /// [`BalanceLayer::key`](crate::BalanceLayer::key)) into the hasher this strategy chooses and
 /// looks the hash up in a table built from the endpoints' identities, off the request path.
 /// The strategy is keyed: the balancer picks in `call`, where the request is known, and sends
@@ -76,7 +76,7 @@ const MAX_POINTS_PER_WEIGHT: u32 = 10_000;
 /// # Example
 ///
 /// ```
-/// use tower_lb::{key_fn, BalanceLayer, ConsistentHash, KeyFallback};
+/// use tower_lb::{key::key_fn, strategy::{ConsistentHash, KeyFallback}, BalanceLayer};
 ///
 /// // Requests are user names; each user sticks to one endpoint, no endpoint takes more than
 /// // 1.25 times its share of the requests in flight, and anonymous requests go anywhere.
@@ -122,7 +122,7 @@ pub enum KeyFallback {
     /// their share of the table (so weights count), and bounded loads apply.
     Random,
     /// Each endpoint in turn, per balancer clone, ignoring weights (like
-    /// [`RoundRobin`](crate::RoundRobin)); with bounded loads, a full endpoint passes the
+    /// [`RoundRobin`](crate::strategy::RoundRobin)); with bounded loads, a full endpoint passes the
     /// request to the next one in turn.
     RoundRobin,
 }
@@ -314,6 +314,10 @@ enum Table {
 
 impl Strategy for ConsistentHash {
     type Picker = ConsistentHashPicker;
+
+    /// Consistent hashing without a request key would send every request to its fallback, so
+    /// a balancer with it and no key is a compile error.
+    const KEYED: bool = true;
 
     fn build(&self, endpoints: &Endpoints<'_>) -> ConsistentHashPicker {
         let by_identity = identity_order(endpoints);

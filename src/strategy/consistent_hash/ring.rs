@@ -25,7 +25,7 @@ struct Point {
 pub(super) enum KeyBits {
     /// The high half, for the 64-bit stable hash (whose high bits are its best mixed).
     High,
-    /// The low half, where [`KeyHasher::crc32`](crate::KeyHasher::crc32) leaves its CRC.
+    /// The low half, where [`KeyHasher::crc32`](crate::key::KeyHasher::crc32) leaves its CRC.
     Low,
 }
 
@@ -239,7 +239,7 @@ mod tests {
     #[test]
     fn bucketed_lookup_agrees_with_a_linear_scan() {
         for len in [1usize, 2, 3, 7, 64, 1000, 5000] {
-            let mut rng = crate::rng::FastRng::seeded(len as u64);
+            let mut rng = crate::util::rng::FastRng::seeded(len as u64);
             let points: Vec<u32> = (0..len).map(|_| rng.next_u64() as u32).collect();
             let ring = ring_of(&points);
             let mut sorted = points.clone();

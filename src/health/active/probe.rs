@@ -156,7 +156,7 @@ impl<E: Into<BoxError>> ProbeOutcome for Result<(), E> {
 ///
 /// ```
 /// use std::net::SocketAddr;
-/// use tower_lb::discover::{self, probe_fn, HealthCheck};
+/// use tower_lb::{discover, health::{probe_fn, HealthCheck}};
 ///
 /// let probe = probe_fn(|addr: &SocketAddr, _: &_| {
 ///     let addr = *addr;

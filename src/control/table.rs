@@ -1,5 +1,9 @@
 //! The endpoint table: what the discovery task publishes and every clone reads.
 //!
+//! A [`Snapshot`] is one endpoint set: the endpoints' shared state, the services clones copy
+//! when they first use an endpoint, and the strategy's picker for that set. [`Table`] holds the
+//! newest snapshot.
+//!
 //! Publishing is rare (membership, weight or strategy changes) and reading is per request, so
 //! the table is a version number beside a read-write-locked `Arc`. A reader compares the
 //! version with the one it last saw (one atomic load on the request path, on cache lines
@@ -10,17 +14,73 @@
 //! The top bit of the version says the discovery task has failed: every reader notices it at
 //! its next version check, at no cost on the request path.
 
-use crate::sync::{read, replace, Arc, AtomicU64, CachePadded, Ordering, RwLock};
+use crate::endpoint::{EndpointHandle, BROKEN, DRAINING, EJECTED, REMOVED};
+use crate::util::sync::{read, replace, Arc, AtomicU64, CachePadded, Ordering, RwLock};
+
+/// One endpoint's service in a table, and where clones keep their copies of it.
+pub(crate) struct Source<S> {
+    /// Shared with the member and every table that has it, so a publish clones no service.
+    pub(crate) service: std::sync::Arc<S>,
+    /// The member's slot, fixed while it is a member: clones keep their copies by slot.
+    pub(crate) slot: u32,
+    /// Which service this is: every `Insert` gets a new id, so a clone never uses its copy of
+    /// a service that has been replaced, or of an endpoint removed while its slot was reused.
+    pub(crate) id: u64,
+}
+
+/// One published endpoint set: what a clone picks from and calls.
+pub(crate) struct Snapshot<S, P> {
+    pub(crate) endpoints: Box<[EndpointHandle]>,
+    /// The services to copy into clones that use them, in the order of `endpoints`.
+    pub(crate) sources: Box<[Source<S>]>,
+    /// The service id of the member in each slot (0: none), for clones that catch up over
+    /// several tables at once.
+    pub(crate) members: Box<[u64]>,
+    /// The `(slot, id)` of services removed or replaced since the previous table, for clones
+    /// that catch up by one table: they drop exactly these copies.
+    pub(crate) invalidated: Box<[(u32, u64)]>,
+    pub(crate) picker: P,
+    /// `picker.is_keyed()`, asked once per table rather than per request.
+    pub(crate) keyed: bool,
+    /// `picker.latency_decay()` in nanoseconds, asked once per table.
+    pub(crate) latency_decay_ns: Option<f64>,
+    /// False in panic mode, when ejected endpoints are picked too.
+    pub(crate) honor_ejection: bool,
+}
+
+impl<S, P> Snapshot<S, P> {
+    /// A table with no endpoint.
+    pub(crate) fn empty(picker: P, keyed: bool, latency_decay_ns: Option<f64>) -> Self {
+        Self {
+            endpoints: Box::new([]),
+            sources: Box::new([]),
+            members: Box::new([]),
+            invalidated: Box::new([]),
+            picker,
+            keyed,
+            latency_decay_ns,
+            honor_ejection: true,
+        }
+    }
+
+    /// The flags that keep an endpoint of this table from new requests.
+    #[inline]
+    pub(crate) fn unavailable(&self) -> u32 {
+        let ejected = if self.honor_ejection { EJECTED } else { 0 };
+        BROKEN | DRAINING | REMOVED | ejected
+    }
+}
 
 /// Set in the version once the discovery task has failed; no table is published after it.
 pub(crate) const FAILED: u64 = 1 << 63;
 
-pub(crate) struct Published<T> {
+/// The newest snapshot and its version; see the [module docs](self).
+pub(crate) struct Table<T> {
     version: CachePadded<AtomicU64>,
     current: RwLock<(u64, Arc<T>)>,
 }
 
-impl<T> Published<T> {
+impl<T> Table<T> {
     pub(crate) fn new(initial: T) -> Self {
         Self {
             version: CachePadded(AtomicU64::new(0)),
@@ -68,7 +128,7 @@ mod loom_tests {
     #[test]
     fn readers_never_see_a_version_without_its_snapshot() {
         loom::model(|| {
-            let table = Arc::new(Published::new(0u64));
+            let table = Arc::new(Table::new(0u64));
             let writer = {
                 let table = Arc::clone(&table);
                 thread::spawn(move || {
@@ -100,7 +160,7 @@ mod loom_tests {
     fn fresh_clones_copy_services_while_tables_change() {
         loom::model(|| {
             let service = Arc::new(7u32);
-            let table = Arc::new(Published::new((1u64, Some(Arc::clone(&service)))));
+            let table = Arc::new(Table::new((1u64, Some(Arc::clone(&service)))));
             let readers: Vec<_> = (0..2)
                 .map(|_| {
                     let table = Arc::clone(&table);
@@ -132,7 +192,7 @@ mod loom_tests {
     #[test]
     fn a_failure_survives_a_racing_publish() {
         loom::model(|| {
-            let table = Arc::new(Published::new(0u64));
+            let table = Arc::new(Table::new(0u64));
             let writer = {
                 let table = Arc::clone(&table);
                 thread::spawn(move || table.publish(1))

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, Timeout};
 
 use super::probe::ProbeError;
-use crate::rng::FastRng;
+use crate::util::rng::FastRng;
 
 /// `interval` spread uniformly over `interval × (1 ± jitter)`.
 pub(super) fn jittered(interval: Duration, jitter: f64, rng: &mut FastRng) -> Duration {

@@ -14,8 +14,8 @@ use hyper_util::client::legacy::connect::{Connect as HyperConnect, HttpConnector
 use hyper_util::client::legacy::Client;
 use tower::BoxError;
 
-use super::probe::{BoxProbeFuture, Probe, ProbeError};
 use crate::error::ConfigError;
+use crate::health::active::probe::{BoxProbeFuture, Probe, ProbeError};
 
 /// Response bytes read to let the connection go back to the pool; a longer body is dropped
 /// unread (which closes its connection).
@@ -44,7 +44,7 @@ type TargetFn<K> = dyn Fn(&K) -> Result<Uri, ProbeError> + Send + Sync;
 /// use hyper::body::Bytes;
 /// use hyper_util::client::legacy::Client;
 /// use hyper_util::rt::TokioExecutor;
-/// use tower_lb::discover::{self, HealthCheck, HttpProbe};
+/// use tower_lb::{discover, health::HealthCheck, http::HttpProbe};
 ///
 /// # fn main() -> Result<(), tower_lb::ConfigError> {
 /// let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();

@@ -3,11 +3,22 @@
 use std::fmt;
 use std::time::Duration;
 
+mod index;
+
+use std::sync::Arc;
+
+use index::{LoadIndex, Verdict, LEVELS};
+
 use super::{Endpoints, PickContext, Picker, Strategy};
-use crate::endpoint::{clock, Activation, EndpointHandle, EndpointState};
+use crate::endpoint::load_report::Watch;
+use crate::endpoint::{clock, Activation, EndpointHandle, EndpointState, LoadReport};
 use crate::error::ConfigError;
-use crate::load_index::{LoadIndex, Verdict, LEVELS};
-use crate::sync::{Arc, AtomicU64, Ordering};
+use crate::util::sync::{AtomicU64, Ordering};
+
+/// The least-connections index an endpoint reports to, if it reports to one.
+fn index_of(watch: &Watch) -> Option<Arc<LoadIndex>> {
+    Arc::clone(&watch.sink).as_any().downcast().ok()
+}
 
 /// Up to this many endpoints a pick reads them all: that is as fast as the index (reading
 /// an endpoint costs about a quarter of an index search), and the endpoints need not report
@@ -26,7 +37,7 @@ const MAX_WEIGHT_CLASSES: usize = 8;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_lb::{BalanceLayer, LeastConnections};
+/// use tower_lb::{strategy::LeastConnections, BalanceLayer};
 ///
 /// // Plain least connections.
 /// let layer = BalanceLayer::new(LeastConnections::new());
@@ -275,7 +286,9 @@ fn attach(endpoints: &Endpoints<'_>, weights: Option<&[u32]>) -> Option<Indexed>
     };
     for i in 0..n {
         if let Some(watch) = endpoints.state(i).watch() {
-            note(&mut indexes, &watch.index);
+            // An endpoint that reports elsewhere (to another strategy's sink) cannot be
+            // indexed here: picks read every endpoint.
+            note(&mut indexes, &index_of(watch)?);
         }
     }
     for i in 0..n {
@@ -293,11 +306,12 @@ fn attach(endpoints: &Endpoints<'_>, weights: Option<&[u32]>) -> Option<Indexed>
             let slot = fresh.allocate_slot().expect("a new index has free slots");
             (fresh, slot)
         });
-        if !state.install_watch(Arc::clone(&index), slot) {
+        let sink: Arc<dyn LoadReport> = Arc::clone(&index) as Arc<dyn LoadReport>;
+        if !state.install_watch(sink, slot) {
             index.free_slot(slot);
         }
         // Ours, or one installed meanwhile by someone else.
-        note(&mut indexes, &state.watch()?.index);
+        note(&mut indexes, &index_of(state.watch()?)?);
     }
 
     // From here on, pickers built earlier put back what they clear of slots they do not know.
@@ -306,10 +320,11 @@ fn attach(endpoints: &Endpoints<'_>, weights: Option<&[u32]>) -> Option<Indexed>
     for i in 0..n {
         let state = endpoints.state(i);
         let watch = state.watch()?;
+        let index = index_of(watch)?;
         match state.activate() {
-            Activation::Activated => watch.index.insert(0, watch.slot),
+            Activation::Activated => index.insert(0, watch.slot),
             // Older pickers may have cleared endpoints that were not in their table.
-            Activation::AlreadyActive => watch.index.insert(state.in_flight(), watch.slot),
+            Activation::AlreadyActive => index.insert(state.in_flight(), watch.slot),
             Activation::Busy => pending.push(i as u32),
         }
     }
@@ -322,7 +337,7 @@ fn attach(endpoints: &Endpoints<'_>, weights: Option<&[u32]>) -> Option<Indexed>
                 (0..index.capacity()).map(|_| None).collect();
             for i in 0..n {
                 let watch = endpoints.state(i).watch()?;
-                if Arc::ptr_eq(&watch.index, &index) {
+                if std::ptr::addr_eq(Arc::as_ptr(&watch.sink), Arc::as_ptr(&index)) {
                     slots[watch.slot] = Some((endpoints.handle(i).clone(), i as u32));
                 }
             }
@@ -595,8 +610,10 @@ impl LeastConnectionsPicker {
             if in_flight == 0 {
                 match state.activate() {
                     Activation::Activated => {
-                        if let Some(watch) = state.watch() {
-                            watch.index.insert(0, watch.slot);
+                        if let Some((watch, index)) =
+                            state.watch().and_then(|w| Some((w, index_of(w)?)))
+                        {
+                            index.insert(0, watch.slot);
                         }
                         indexed.pending_left.fetch_sub(1, Ordering::Relaxed);
                         // In the index now: the search finds it.
@@ -975,12 +992,14 @@ mod tests {
         let held: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         for handle in handles.iter().filter(|h| h.in_flight() < LEVELS as u64) {
             let watch = handle.watch().unwrap();
-            assert!(watch.index.holds(handle.in_flight() as usize, watch.slot));
+            assert!(index_of(watch)
+                .unwrap()
+                .holds(handle.in_flight() as usize, watch.slot));
         }
         drop(held);
         for handle in handles.iter() {
             let watch = handle.watch().unwrap();
-            assert!(watch.index.holds(0, watch.slot));
+            assert!(index_of(watch).unwrap().holds(0, watch.slot));
         }
     }
 
@@ -1038,7 +1057,7 @@ mod tests {
                 let tracked = |h: &&EndpointHandle| h.in_flight() < LEVELS as u64;
                 for handle in handles.iter().filter(|h| h.is_reporting()).filter(tracked) {
                     let watch = handle.watch().unwrap();
-                    prop_assert!(watch.index.holds(handle.in_flight() as usize, watch.slot));
+                    prop_assert!(index_of(watch).unwrap().holds(handle.in_flight() as usize, watch.slot));
                 }
                 let chosen = clone.pick(&picker, &handles);
                 let (l, w) = load(chosen);

@@ -15,7 +15,7 @@ use super::config::HealthCheckBuilder;
 use super::probe::{Probe, ProbeError};
 use super::schedule::{jittered, NextProbe, ProbeEnd, RunningProbe};
 use super::status::{EndpointHealth, HealthStatus};
-use crate::rng::FastRng;
+use crate::util::rng::FastRng;
 
 /// Source changes taken per `poll_next` before the other work gets a turn, so a source that is
 /// always ready cannot starve the probes.
@@ -30,8 +30,8 @@ const SOURCE_BUDGET: usize = 256;
 /// use std::net::SocketAddr;
 /// use std::time::Duration;
 /// use tower::{service_fn, Layer, ServiceExt};
-/// use tower_lb::discover::{self, HealthCheckBuilder, TcpProbe};
-/// use tower_lb::{BalanceLayer, RoundRobin};
+/// use tower_lb::{discover, health::{HealthCheckBuilder, TcpProbe}};
+/// use tower_lb::{strategy::RoundRobin, BalanceLayer};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {

@@ -3,17 +3,13 @@
 
 mod check;
 mod config;
-#[cfg(feature = "http")]
-mod http;
-mod probe;
+pub(crate) mod probe;
 mod schedule;
 mod status;
 mod tcp;
 
 pub use check::HealthCheck;
 pub use config::{HealthCheckBuilder, InitialHealth};
-#[cfg(feature = "http")]
-pub use http::HttpProbe;
 pub use probe::{
     probe_fn, BoxProbeFuture, Probe, ProbeError, ProbeErrorKind, ProbeFn, ProbeFnFuture,
     ProbeOutcome,

@@ -15,7 +15,7 @@ use super::probe::{BoxProbeFuture, Probe, ProbeError};
 ///
 /// ```
 /// use std::net::SocketAddr;
-/// use tower_lb::discover::{self, HealthCheck, TcpProbe};
+/// use tower_lb::{discover, health::{HealthCheck, TcpProbe}};
 ///
 /// // Keys are the addresses.
 /// let addr: SocketAddr = "127.0.0.1:6379".parse().unwrap();

@@ -46,11 +46,20 @@
 //! if the endpoint's comes second it read the cleaner's (`Release`) write, so after its fence
 //! it sees the bit cleared and sets it.
 
-use crate::sync::{AtomicU64, Ordering};
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::endpoint::LoadReport;
+use crate::util::sync::{AtomicU64, Ordering};
 
 /// In-flight counts the index tracks: `0..LEVELS`. An endpoint with more requests in flight
 /// has no bit; a picker that finds no level occupied falls back to reading every endpoint.
+#[cfg(not(tower_lb_loom))]
 pub(crate) const LEVELS: usize = 64;
+/// Fewer levels under loom, so that models of indexes with thousands of slots stay small; the
+/// algorithm does not depend on the number.
+#[cfg(tower_lb_loom)]
+pub(crate) const LEVELS: usize = 4;
 
 /// What a picker makes of an endpoint whose bit it met at some level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +168,21 @@ impl LoadIndex {
     /// Starts a new generation of pickers and returns its number.
     pub(crate) fn advance_generation(&self) -> u64 {
         self.generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Whether a picker newer than `generation` has been built over the index, asked right
+    /// after clearing a bit of a slot that `generation`'s table does not have.
+    ///
+    /// A read-modify-write, not a load: the slot may belong to an endpoint of the newer
+    /// table that skipped its report because it still saw the bit set. If this comes after
+    /// that picker's [`advance_generation`](Self::advance_generation) in the generation's
+    /// order, it sees the new number and puts the bit back. If it comes before, the advance
+    /// reads what this wrote and so synchronises with it, and with the clear before it; the
+    /// newer endpoint's reports, which follow the advance, then see the bit cleared and set
+    /// it. A plain load could read the old number while the endpoint read the old bit (the
+    /// store-buffering pattern) and lose the bit.
+    fn newer_than(&self, generation: u64) -> bool {
+        self.generation.fetch_add(0, Ordering::AcqRel) != generation
     }
 
     /// The endpoint in `slot` reports its new in-flight count: as [`LoadIndex::insert`], but
@@ -321,9 +345,7 @@ impl LoadIndex {
                 if verdict == Verdict::Clear {
                     self.clear_slot(level, slot);
                     verdict = judge(level, slot, true);
-                    if verdict != Verdict::Clear
-                        || self.generation.load(Ordering::Acquire) != generation
-                    {
+                    if verdict != Verdict::Clear || self.newer_than(generation) {
                         self.insert(level as u64, slot);
                     }
                 }
@@ -402,6 +424,25 @@ impl LoadIndex {
                 & (1 << (word % 64))
                 != 0
             && self.mask.load(Ordering::Acquire) & (1 << level) != 0
+    }
+}
+
+impl LoadReport for LoadIndex {
+    #[inline]
+    fn report(&self, slot: usize, in_flight: u64) {
+        LoadIndex::report(self, in_flight, slot);
+    }
+
+    fn release(&self, slot: usize) {
+        self.free_slot(slot);
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
     }
 }
 
@@ -572,8 +613,22 @@ mod tests {
 #[cfg(all(test, tower_lb_loom))]
 mod loom_tests {
     use super::*;
-    use crate::sync::Arc;
+    use crate::endpoint::{Activation, EndpointHandle};
     use loom::thread;
+
+    /// An index as endpoints report to it.
+    fn sink(index: &Arc<LoadIndex>) -> Arc<dyn LoadReport> {
+        Arc::clone(index) as Arc<dyn LoadReport>
+    }
+
+    /// An endpoint with slot `slot` in `index`, reporting (at level 0).
+    fn reporting(index: &Arc<LoadIndex>, slot: usize) -> EndpointHandle {
+        let handle = EndpointHandle::new(1);
+        assert!(handle.install_watch(sink(index), slot));
+        assert_eq!(handle.activate(), Activation::Activated);
+        index.insert(0, slot);
+        handle
+    }
 
     /// Slot 0's bit at level 1 is left over from an earlier visit; the endpoint comes back to
     /// level 1 (and, finding the bit set, skips the write) while a picker that read the old
@@ -590,7 +645,7 @@ mod loom_tests {
                 thread::spawn(move || {
                     // As an endpoint reports: read-modify-write, fence, report.
                     let now = count.fetch_add(1, Ordering::Relaxed) + 1;
-                    crate::sync::fence(Ordering::Acquire);
+                    crate::util::sync::fence(Ordering::Acquire);
                     index.report(now, 0);
                 })
             };
@@ -612,31 +667,188 @@ mod loom_tests {
         });
     }
 
-    /// Two setters fill one word from empty while a picker empties it and clears its summary
-    /// and level: the survivors are still found.
+    /// Two setters fill a word from empty while a picker empties it and clears its summary
+    /// and level: the survivors are still found. Run over the first word of a small index and
+    /// over a word in the second summary word of an index for more than 4,096 endpoints.
     #[test]
     fn summaries_and_levels_follow_their_words() {
+        for (capacity, base) in [(64, 0), (4097, 64 * 65)] {
+            loom::model(move || {
+                let index = Arc::new(LoadIndex::new(capacity));
+                let present = Arc::new(AtomicU64::new(0));
+                index.insert(0, base + 5);
+                let setter = {
+                    let (index, present) = (Arc::clone(&index), Arc::clone(&present));
+                    thread::spawn(move || {
+                        present.fetch_or(1 << 3, Ordering::Relaxed);
+                        index.insert(0, base + 3);
+                    })
+                };
+                // Slot 5 is gone; the picker clears it and whatever else it finds absent.
+                let _ = index.find_lowest(0, 0, None, |_, slot, _| {
+                    if present.load(Ordering::Relaxed) & (1 << (slot - base)) != 0 {
+                        Verdict::Pass
+                    } else {
+                        Verdict::Clear
+                    }
+                });
+                setter.join().unwrap();
+                assert!(
+                    index.holds(0, base + 3),
+                    "slot 3 is present but not findable"
+                );
+            });
+        }
+    }
+
+    /// The race the generation guards against: a picker of an older table clears a stale bit
+    /// of a slot its table does not have, while the slot's new endpoint — of a newer table,
+    /// built meanwhile — reports that very level and, seeing the stale bit set, skips the write.
+    /// The picker's look at the generation after clearing orders with the newer build, so the
+    /// bit is put back (or the endpoint sees it cleared and sets it). Over an index for more
+    /// than 4,096 endpoints, so the slot's summary is in a second word.
+    #[test]
+    fn an_old_picker_never_loses_a_newer_endpoints_bit() {
         loom::model(|| {
-            let index = Arc::new(LoadIndex::new(64));
-            let present = Arc::new(AtomicU64::new(0));
-            index.insert(0, 5);
-            let setter = {
-                let (index, present) = (Arc::clone(&index), Arc::clone(&present));
+            let index = Arc::new(LoadIndex::new(4097));
+            let slot = 64 * 65 + 3;
+            let old = index.advance_generation();
+            // Left over from the slot's previous endpoint.
+            index.insert(1, slot);
+            let newer = {
+                let index = Arc::clone(&index);
                 thread::spawn(move || {
-                    present.fetch_or(1 << 3, Ordering::Relaxed);
-                    index.insert(0, 3);
+                    index.advance_generation();
+                    let handle = reporting(&index, slot);
+                    let guard = handle.dispatch();
+                    (handle, guard)
                 })
             };
-            // Slot 5 is gone; the picker clears it and whatever else it finds absent.
-            let _ = index.find_lowest(0, 0, None, |_, slot, _| {
-                if present.load(Ordering::Relaxed) & (1 << slot) != 0 {
-                    Verdict::Pass
-                } else {
-                    Verdict::Clear
-                }
+            // The old picker's table has no endpoint in `slot`.
+            let _ = index.find_lowest(0, old, None, |_, _, _| Verdict::Clear);
+            let (handle, guard) = newer.join().unwrap();
+            assert!(index.holds(1, slot), "the new endpoint's level is missing");
+            drop(guard);
+            drop(handle);
+        });
+    }
+
+    /// A dispatch and its release race the activation of load reporting: activation only
+    /// succeeds while nothing is in flight, so once all is done the index holds the endpoint
+    /// at its count whichever came first, and the state (with its watch) is freed once.
+    #[test]
+    fn activation_races_a_request() {
+        loom::model(|| {
+            let index = Arc::new(LoadIndex::new(64));
+            let handle = EndpointHandle::new(1);
+            assert!(handle.install_watch(sink(&index), 0));
+            let copy = handle.clone();
+            let t = thread::spawn(move || {
+                let guard = copy.dispatch();
+                drop(copy);
+                guard
             });
-            setter.join().unwrap();
-            assert!(index.holds(0, 3), "slot 3 is present but not findable");
+            let activated = handle.activate();
+            if activated == Activation::Activated {
+                index.insert(0, 0);
+            }
+            let guard = t.join().unwrap();
+            if handle.is_reporting() {
+                assert!(index.holds(1, 0), "the dispatch was not reported");
+            } else {
+                assert_eq!(activated, Activation::Busy);
+            }
+            drop(guard);
+            if !handle.is_reporting() {
+                assert_eq!(handle.activate(), Activation::Activated);
+                index.insert(0, 0);
+            }
+            assert!(index.holds(0, 0), "the release was not reported");
+            assert!(!handle.install_watch(sink(&index), 1));
+            drop(handle);
+        });
+    }
+
+    /// The request path activates an endpoint that was busy when its picker was built, while
+    /// a newer picker's build activates it too and a request is dispatched to it: one
+    /// activation wins, and the index ends with the endpoint at its count.
+    #[test]
+    fn request_path_activation_races_a_picker_build() {
+        loom::model(|| {
+            let index = Arc::new(LoadIndex::new(64));
+            let handle = EndpointHandle::new(1);
+            assert!(handle.install_watch(sink(&index), 5));
+            let build = {
+                let (index, handle) = (Arc::clone(&index), handle.clone());
+                thread::spawn(move || match handle.activate() {
+                    Activation::Activated => index.insert(0, 5),
+                    Activation::AlreadyActive => index.insert(handle.in_flight(), 5),
+                    Activation::Busy => {}
+                })
+            };
+            let request = {
+                let handle = handle.clone();
+                thread::spawn(move || handle.dispatch())
+            };
+            // The request path: an idle pending endpoint is activated by the pick.
+            if handle.in_flight() == 0 && handle.activate() == Activation::Activated {
+                index.insert(0, 5);
+            }
+            build.join().unwrap();
+            let guard = request.join().unwrap();
+            if handle.is_reporting() {
+                assert!(index.holds(1, 5), "the request's level is missing");
+            }
+            drop(guard);
+            if handle.is_reporting() {
+                assert!(index.holds(0, 5), "the release's level is missing");
+            }
+        });
+    }
+
+    /// Guards of a reporting endpoint are dropped on two threads while a third drops the last
+    /// handle: each release reports before letting go, nothing is used after it is freed, the
+    /// state is freed once (loom checks all three), and the index ends with the endpoint at 0.
+    #[test]
+    fn reporting_releases_race_the_last_handle() {
+        loom::model(|| {
+            let index = Arc::new(LoadIndex::new(64));
+            let handle = reporting(&index, 3);
+            let g1 = handle.dispatch();
+            let g2 = handle.dispatch();
+            assert!(index.holds(2, 3));
+            let t1 = thread::spawn(move || drop(g1));
+            let t2 = thread::spawn(move || drop(g2));
+            let t3 = thread::spawn(move || drop(handle));
+            t1.join().unwrap();
+            t2.join().unwrap();
+            t3.join().unwrap();
+            assert!(index.holds(0, 3), "the last release was not reported");
+        });
+    }
+
+    /// The discovery task allocates a slot in a full index while the last guard of a removed
+    /// endpoint is dropped on the request path, freeing the endpoint and with it its slot:
+    /// the slot is handed out at most once, either now or once it is free.
+    #[test]
+    fn slot_allocation_races_its_release_in_a_guards_drop() {
+        loom::model(|| {
+            let index = Arc::new(LoadIndex::new(64));
+            for slot in 0..64 {
+                assert_eq!(index.allocate_slot(), Some(slot));
+            }
+            let handle = reporting(&index, 7);
+            let guard = handle.dispatch();
+            drop(handle);
+            let request = thread::spawn(move || drop(guard));
+            let early = index.allocate_slot();
+            request.join().unwrap();
+            let late = index.allocate_slot();
+            match (early, late) {
+                (Some(7), None) | (None, Some(7)) => {}
+                other => panic!("slot 7 handed out as {other:?}"),
+            }
+            assert_eq!(index.allocate_slot(), None);
         });
     }
 }

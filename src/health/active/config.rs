@@ -70,7 +70,7 @@ impl InitialHealth {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_lb::discover::{self, HealthCheckBuilder, InitialHealth, TcpProbe};
+/// use tower_lb::{discover, health::{HealthCheckBuilder, InitialHealth, TcpProbe}};
 /// use tower_lb::ConfigError;
 ///
 /// # fn main() -> Result<(), ConfigError> {

@@ -2,11 +2,15 @@
 //! parts (the endpoint reference count and the published table) can be model-checked.
 
 #[cfg(tower_lb_loom)]
+pub(crate) use loom::future::AtomicWaker;
+#[cfg(tower_lb_loom)]
 pub(crate) use loom::sync::{
     atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering},
     Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard,
 };
 
+#[cfg(not(tower_lb_loom))]
+pub(crate) use futures_util::task::AtomicWaker;
 #[cfg(not(tower_lb_loom))]
 pub(crate) use std::sync::{
     atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering},
@@ -64,4 +68,13 @@ impl<T> std::ops::Deref for CachePadded<T> {
     fn deref(&self) -> &T {
         &self.0
     }
+}
+
+/// Registers `waker` in `cell` (loom's `AtomicWaker` takes it by value, futures' by
+/// reference).
+pub(crate) fn register(cell: &AtomicWaker, waker: &std::task::Waker) {
+    #[cfg(tower_lb_loom)]
+    cell.register_by_ref(waker);
+    #[cfg(not(tower_lb_loom))]
+    cell.register(waker);
 }
