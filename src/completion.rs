@@ -11,25 +11,24 @@
 
 use crate::endpoint::InFlightGuard;
 
-/// Decides how long a request counts as in flight after its response arrives.
+/// Decides, when a response arrives, whether it counts as a failure of its endpoint and how
+/// long the request still counts as in flight.
 pub trait TrackCompletion<Resp>: Clone + Send + Sync + 'static {
     /// What the balancer returns in place of `Resp`.
     type Output;
 
-    /// Takes the request's guard and its response; drop the guard to end the request's
-    /// in-flight accounting now, or keep it in the output to end it later.
+    /// Takes the request's guard and its response. Records whether the response is a failure
+    /// of the endpoint — with [`InFlightGuard::record_failure`] or
+    /// [`record_success`](InFlightGuard::record_success), now or when it is known (keeping the
+    /// guard, or its [`Outcome`](crate::Outcome)) — and ends the request's in-flight
+    /// accounting now (dropping the guard) or later (keeping it in the output, e.g. in an
+    /// HTTP body). The response is returned to the caller either way; see
+    /// [`classify`](crate::classify) for what should count.
     fn track(&self, guard: InFlightGuard, response: Resp) -> Self::Output;
-
-    /// Whether a response that arrived counts as a failure of its endpoint (for outlier
-    /// detection and error-aware strategies), e.g. an HTTP 5xx. The response is still
-    /// returned to the caller. The default: no response is a failure; only errors are.
-    fn is_failure(&self, response: &Resp) -> bool {
-        let _ = response;
-        false
-    }
 }
 
-/// A request stops counting as in flight when its response (head) arrives: the default.
+/// A request stops counting as in flight when its response (head) arrives, and every response
+/// counts as a success (only errors are failures): the default.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompleteOnResponse;
 
@@ -38,6 +37,7 @@ impl<Resp> TrackCompletion<Resp> for CompleteOnResponse {
 
     #[inline]
     fn track(&self, guard: InFlightGuard, response: Resp) -> Resp {
+        guard.record_success();
         drop(guard);
         response
     }

@@ -7,6 +7,7 @@
 //! ```
 //! use std::convert::Infallible;
 //! use std::time::Duration;
+//! use tower::timeout::TimeoutLayer;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_lb::{discover, strategy::RoundRobin, BalanceLayer};
 //!
@@ -21,9 +22,14 @@
 //! });
 //!
 //! let svc = ServiceBuilder::new()
+//!     // The caller's own deadline, around the balancer.
 //!     .timeout(Duration::from_secs(2))
 //!     .layer(BalanceLayer::new(RoundRobin::new()))
-//!     .service(discover::fixed(replicas));
+//!     // Per endpoint, inside it: a timeout that counts against an endpoint that hangs.
+//!     .service(discover::with_layer(
+//!         discover::fixed(replicas),
+//!         TimeoutLayer::new(Duration::from_secs(1)),
+//!     ));
 //!
 //! // `svc` is `Clone`: hand a copy to every task; clones share endpoints and counters.
 //! let reply = svc.clone().oneshot("ada".to_string()).await?;
@@ -102,7 +108,16 @@
 //!   [`BalanceLayer::wait_for_endpoints`] has waited (bounded) for discovery. Use the wait when
 //!   endpoints arrive asynchronously (DNS, health checks) and the first requests may come
 //!   before them.
-//! - **Errors** are [`tower::BoxError`]s; the balancer's own errors downcast to [`Error`].
+//! - **Failures** — what outlier detection, failure-aware strategies and stats count against
+//!   an endpoint — are decided in one place ([`classify`]): errors from the endpoint's service
+//!   (a per-endpoint timeout from [`discover::with_layer`] included) but never the caller's own
+//!   (its request body failed, it went away); responses as the
+//!   [`TrackCompletion`](completion::TrackCompletion) judges them — with the `http` feature,
+//!   5xx and the gRPC statuses that say the server failed, from headers or, when a stream
+//!   ends, from its trailers; and, if configured, requests abandoned after a long wait.
+//! - **Errors** are [`tower::BoxError`]s; the balancer's own errors downcast to [`Error`], and
+//!   an endpoint's errors come wrapped in a [`classify::EndpointError`] that names the
+//!   endpoint.
 //!   Invalid configuration is rejected where it is given, with a [`ConfigError`] naming the
 //!   setting.
 //! - **Observability**: [`Balance::stats`] / [`BalanceHandle::stats`] (per endpoint: key,
@@ -118,6 +133,7 @@
 //! | `axum` | `http::ClientIp` also reads axum's `ConnectInfo<SocketAddr>` |
 //! | `dns` | [`discover::dns`]: endpoints from A/AAAA and SRV names, re-resolved by TTL (hickory-resolver) |
 //! | `metrics` | `metrics::Exporter`: gauges and counters through the `metrics` facade |
+//! | `etcd` | `discover::etcd`: endpoints from an etcd prefix (list, then watch; gRPC-Go's naming format) and registration under a lease; needs Rust 1.88 and `protoc` to build |
 //!
 //! # Decisions
 //!
@@ -147,6 +163,12 @@
 //!   atomic add to dispatch and one atomic subtract to finish, plus one for the pick counter.
 //! - Weight 0 is rejected ([`Weight::new`](crate::weight::Weight::new)): to stop traffic to an endpoint, remove or drain
 //!   it. Weights are 1 to 1,000,000.
+//! - A discovery source drains an endpoint by removing it: `Change::Remove` already takes it
+//!   out of new picks while its in-flight requests finish, so sources need no separate drain
+//!   signal. [`BalanceHandle::drain`] does the same from outside discovery and also returns a
+//!   future that resolves when the last request has finished. Registries map termination
+//!   this way: a Kubernetes endpoint that is terminating but still serving
+//!   (`tower-lb-kube`), an etcd registration deleted at shutdown.
 //! - Consistent hashing places endpoints by their identity (the discovery key's `Debug`
 //!   form, e.g. `127.0.0.1:8080`), never by discovery order, so every process agrees.
 //! - Latency-aware picking reads tokio's clock once at pick time and once at completion, and
@@ -164,6 +186,7 @@
 #![deny(unsafe_code)]
 
 mod balance;
+pub mod classify;
 pub mod completion;
 mod control;
 pub mod discover;
@@ -182,7 +205,7 @@ mod util;
 pub mod weight;
 
 pub use balance::{Balance, BalanceHandle, BalanceLayer, BoxBalance, ResponseFuture};
-pub use endpoint::InFlightGuard;
+pub use endpoint::{InFlightGuard, Outcome};
 pub use error::{ConfigError, Error};
 pub use stats::{EndpointStats, EndpointStatus, Stats};
 

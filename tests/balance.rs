@@ -412,14 +412,19 @@ fn built_outside_a_runtime_it_starts_discovery_on_first_use() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn the_layer_composes_with_service_builder_and_errors_pass_through() {
+async fn the_layer_composes_with_service_builder_and_errors_name_their_endpoint() {
     let failing = tower::service_fn(|_: ()| async { Err::<usize, _>("backend said no") });
     let svc = tower::ServiceBuilder::new()
         .timeout(Duration::from_secs(1))
         .layer(BalanceLayer::new(RoundRobin::new()))
         .service(discover::fixed([(1, failing)]));
     let error = svc.clone().oneshot(()).await.unwrap_err();
-    assert_eq!(error.to_string(), "backend said no");
+    assert_eq!(error.to_string(), "endpoint 1: backend said no");
+    let error = error
+        .downcast::<tower_lb::classify::EndpointError>()
+        .expect("endpoint errors come wrapped with their endpoint");
+    assert_eq!(error.endpoint(), "1");
+    assert_eq!(error.into_inner().to_string(), "backend said no");
     let ok = tower::ServiceBuilder::new()
         .layer(BalanceLayer::new(RoundRobin::new()))
         .service(discover::fixed([(

@@ -452,7 +452,7 @@ async fn a_panic_while_taking_in_the_first_endpoints_is_reported_too() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn an_ejection_too_long_for_the_clock_does_not_stop_discovery() {
+async fn ejection_times_are_bounded_and_the_longest_does_not_stop_discovery() {
     /// Fails every request.
     #[derive(Clone)]
     struct Failing;
@@ -469,13 +469,18 @@ async fn an_ejection_too_long_for_the_clock_does_not_stop_discovery() {
     }
     let (handle, source) = discover::channel::<usize, BoxCloneSyncService<(), usize, BoxError>>();
     handle.insert(0, BoxCloneSyncService::new(Failing));
+    // An ejection time too long for the clock is refused where it is given…
+    let error = BalanceLayer::new(RoundRobin::new())
+        .outlier_detection(OutlierDetection::new().base_ejection_time(Duration::MAX))
+        .unwrap_err();
+    assert_eq!(error.setting(), "base_ejection_time");
+    // …and the longest one accepted does not stop discovery either.
     let outlier = OutlierDetection::new()
         .consecutive_failures(1)
-        .unwrap()
-        .base_ejection_time(Duration::MAX)
-        .unwrap();
+        .base_ejection_time(Duration::from_secs(24 * 60 * 60));
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .outlier_detection(outlier)
+        .unwrap()
         .panic_threshold(0.0)
         .unwrap()
         .layer(source);

@@ -89,8 +89,8 @@ async fn a_healthy_endpoint_leaves_at_its_fall_th_failed_probe_and_returns_at_it
     let mut check = config()
         .initial_health(InitialHealth::FullyHealthy)
         .jitter(0.0)
-        .unwrap()
-        .build(discover::fixed([("a", Echo(0))]), verdicts.probe());
+        .build(discover::fixed([("a", Echo(0))]), verdicts.probe())
+        .unwrap();
     let status = check.status();
     let start = Instant::now();
 
@@ -133,10 +133,9 @@ async fn removal_comes_within_the_jitter_bounds() {
     let mut check = config()
         .initial_health(InitialHealth::FullyHealthy)
         .interval(interval)
-        .unwrap()
         .jitter(jitter)
-        .unwrap()
-        .build(discover::fixed([("a", Echo(0))]), verdicts.probe());
+        .build(discover::fixed([("a", Echo(0))]), verdicts.probe())
+        .unwrap();
     let start = Instant::now();
     let changes = changes_until(&mut check, start + Duration::from_secs(60)).await;
     // Failures at 0, then after two jittered intervals: removed at the third.
@@ -192,8 +191,8 @@ async fn an_endpoint_assumed_unhealthy_waits_for_its_probes() {
     let mut fully = config()
         .initial_health(InitialHealth::FullyUnhealthy)
         .jitter(0.0)
-        .unwrap()
-        .build(discover::fixed([("a", Echo(0))]), verdicts.probe());
+        .build(discover::fixed([("a", Echo(0))]), verdicts.probe())
+        .unwrap();
     let changes = changes_until(&mut fully, Instant::now() + Duration::from_secs(10)).await;
     assert_eq!(
         changes,
@@ -203,7 +202,8 @@ async fn an_endpoint_assumed_unhealthy_waits_for_its_probes() {
 
     let mut first_success = config()
         .initial_health(InitialHealth::Unhealthy)
-        .build(discover::fixed([("a", Echo(0))]), verdicts.probe());
+        .build(discover::fixed([("a", Echo(0))]), verdicts.probe())
+        .unwrap();
     let changes = changes_until(&mut first_success, Instant::now() + Duration::from_secs(10)).await;
     assert_eq!(
         changes,
@@ -223,12 +223,10 @@ async fn a_probe_slower_than_the_timeout_fails() {
     let mut check = config()
         .initial_health(InitialHealth::FullyHealthy)
         .jitter(0.0)
-        .unwrap()
         .timeout(Duration::from_millis(500))
-        .unwrap()
         .fall(2)
-        .unwrap()
-        .build(discover::fixed([("a", Echo(0))]), never);
+        .build(discover::fixed([("a", Echo(0))]), never)
+        .unwrap();
     let status = check.status();
     let changes = changes_until(&mut check, Instant::now() + Duration::from_millis(9900)).await;
     // Probe 0–0.5 s times out; the next starts 2 s after it ended and times out at 3 s.
@@ -268,8 +266,8 @@ async fn no_more_probes_run_at_once_than_the_limit() {
     let endpoints = (0..20).map(|i| (i, Echo(i)));
     let mut check = config()
         .max_concurrent_probes(3)
-        .unwrap()
-        .build(discover::fixed(endpoints), probe);
+        .build(discover::fixed(endpoints), probe)
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, check.next()).await {}
     assert_eq!(
@@ -316,8 +314,8 @@ async fn dropping_the_stream_stops_probing_and_cancels_probes_in_flight() {
     };
     let mut check = config()
         .jitter(0.0)
-        .unwrap()
-        .build(discover::fixed([("a", Echo(0)), ("b", Echo(1))]), probe);
+        .build(discover::fixed([("a", Echo(0)), ("b", Echo(1))]), probe)
+        .unwrap();
     // Probes of each run 0–0.1 s, 2.1–2.2 s, 4.2–4.3 s: stop in the middle of the third.
     let deadline = Instant::now() + Duration::from_millis(4250);
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, check.next()).await {}
@@ -409,8 +407,8 @@ async fn source_changes_pass_through_health() {
     let mut check = config()
         .initial_health(InitialHealth::FullyHealthy)
         .jitter(0.0)
-        .unwrap()
-        .build(source, verdicts.probe());
+        .build(source, verdicts.probe())
+        .unwrap();
     let status = check.status();
     handle.insert("a", Echo(0));
     handle.insert("b", Echo(1));
@@ -479,16 +477,31 @@ async fn source_errors_pass_through() {
 }
 
 #[test]
-fn bad_configuration_is_a_typed_error() {
-    let zero_interval = config().interval(Duration::ZERO).unwrap_err();
+fn bad_configuration_is_a_typed_error_at_build() {
+    let build = |config: HealthCheckBuilder| {
+        config
+            .build(
+                discover::fixed([("a", Echo(0))]),
+                probe_fn(|_: &&str, _: &Echo| async { true }),
+            )
+            .map(|_| ())
+    };
+    let zero_interval = build(config().interval(Duration::ZERO)).unwrap_err();
     assert_eq!(zero_interval.setting(), "interval");
-    let rise = config().rise(0).unwrap_err();
+    let rise = build(config().rise(0)).unwrap_err();
     assert_eq!(rise.setting(), "rise");
     assert!(rise.to_string().contains("at least 1"), "{rise}");
     assert_eq!(
-        config().timeout(Duration::ZERO).unwrap_err().setting(),
+        build(config().timeout(Duration::ZERO))
+            .unwrap_err()
+            .setting(),
         "timeout"
     );
+    assert_eq!(
+        build(config().fall(u32::MAX)).unwrap_err().setting(),
+        "fall"
+    );
+    assert!(build(config()).is_ok());
 }
 
 #[cfg_attr(not(feature = "http"), allow(dead_code))]
@@ -530,14 +543,13 @@ mod loopback {
         };
         let check = HealthCheckBuilder::new()
             .interval(Duration::from_millis(20))
-            .unwrap()
             .initial_health(InitialHealth::FullyUnhealthy)
             .rise(1)
-            .unwrap()
             .build(
                 discover::fixed([(open_addr, ()), (closed_addr, ())]),
                 TcpProbe::new(),
-            );
+            )
+            .unwrap();
         let status = check.status();
         let mut check = check;
         let inserted =
@@ -664,12 +676,10 @@ mod http_probe {
         );
         let check = HealthCheckBuilder::new()
             .interval(INTERVAL)
-            .unwrap()
             .jitter(JITTER)
-            .unwrap()
             .timeout(Duration::from_millis(500))
-            .unwrap()
-            .build(endpoints, HttpProbe::new(&client, "/healthz").unwrap());
+            .build(endpoints, HttpProbe::new(&client, "/healthz").unwrap())
+            .unwrap();
         let status = check.status();
         let mut balance = Balance::new(check, RoundRobin::new());
         let active = |balance: &Balance<_, _, _>, addr: SocketAddr| {
@@ -745,10 +755,9 @@ mod http_probe {
             .unwrap();
         let check = HealthCheckBuilder::new()
             .interval(Duration::from_millis(20))
-            .unwrap()
             .fall(1)
-            .unwrap()
-            .build(discover::fixed([(server.addr, ())]), probe);
+            .build(discover::fixed([(server.addr, ())]), probe)
+            .unwrap();
         let status = check.status();
         let balance = Balance::new(check, RoundRobin::new());
         eventually("probed", || {
@@ -844,14 +853,11 @@ mod counting {
         let mut check = config()
             .initial_health(initial)
             .rise(rise)
-            .unwrap()
             .fall(fall)
-            .unwrap()
             .interval(Duration::from_secs(1))
-            .unwrap()
             .jitter(0.0)
-            .unwrap()
-            .build(discover::fixed([("a", Echo(0))]), probe);
+            .build(discover::fixed([("a", Echo(0))]), probe)
+            .unwrap();
         // Probe i runs at i seconds; stop before the probe after the last result.
         let start = Instant::now();
         let deadline = start + Duration::from_millis(results.len() as u64 * 1000 - 500);

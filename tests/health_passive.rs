@@ -62,13 +62,9 @@ fn endpoints(n: usize, failing: &[usize]) -> (Vec<(usize, Switchable)>, Vec<Arc<
 fn outlier(failures: u32, base: u64, max: u64, percent: u8) -> OutlierDetection {
     OutlierDetection::new()
         .consecutive_failures(failures)
-        .unwrap()
         .base_ejection_time(Duration::from_secs(base))
-        .unwrap()
         .max_ejection_time(Duration::from_secs(max))
-        .unwrap()
         .max_ejected_percent(percent)
-        .unwrap()
 }
 
 /// Sends `n` requests one after another; returns (answers per endpoint, errors).
@@ -93,6 +89,7 @@ async fn a_failing_endpoint_is_ejected_after_its_consecutive_failures_and_return
     let (endpoints, switches) = endpoints(3, &[2]);
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .outlier_detection(outlier(3, 10, 100, 50))
+        .unwrap()
         .layer(discover::fixed(endpoints));
 
     let (_, errors) = send(&mut balance, 30).await;
@@ -152,6 +149,7 @@ async fn no_more_than_the_maximum_share_is_ejected() {
     let (endpoints, _) = endpoints(10, &[0, 1, 2, 3, 4]);
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .outlier_detection(outlier(2, 60, 60, 20))
+        .unwrap()
         .layer(discover::fixed(endpoints));
     send(&mut balance, 100).await;
     let stats = balance.stats();
@@ -169,6 +167,7 @@ async fn below_the_panic_threshold_traffic_goes_to_every_endpoint() {
     let (endpoints, _) = endpoints(4, &[1, 2, 3]);
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .outlier_detection(outlier(2, 60, 60, 100))
+        .unwrap()
         .panic_threshold(0.5)
         .unwrap()
         .layer(discover::fixed(endpoints));
@@ -186,6 +185,7 @@ async fn below_the_panic_threshold_traffic_goes_to_every_endpoint() {
     let (endpoints, _) = self::endpoints(4, &[1, 2, 3]);
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .outlier_detection(outlier(2, 60, 60, 100))
+        .unwrap()
         .panic_threshold(0.0)
         .unwrap()
         .layer(discover::fixed(endpoints));
@@ -232,7 +232,8 @@ async fn slow_start_ramps_a_new_endpoint_share_over_the_window() {
     let answer = |id: usize| service_fn(move |_: ()| async move { Ok::<_, BoxError>(id) });
     handle.insert(0, answer(0));
     let mut balance = BalanceLayer::new(Proportional)
-        .slow_start(SlowStart::new(Duration::from_secs(100)).unwrap())
+        .slow_start(SlowStart::new(Duration::from_secs(100)))
+        .unwrap()
         .layer(source);
     settle().await;
     assert_eq!(
@@ -340,6 +341,7 @@ async fn http_5xx_responses_count_as_failures_and_eject() {
     let mut balance = BalanceLayer::new(RoundRobin::new())
         .track_completion(TrackBody::head())
         .outlier_detection(outlier(3, 30, 30, 50))
+        .unwrap()
         .layer(discover::fixed(endpoints));
     let mut statuses = Vec::new();
     for _ in 0..20 {

@@ -591,7 +591,7 @@ async fn a_refused_connection_goes_to_another_backend_and_the_dead_one_is_ejecte
     let c = TestBackend::echo("c").await;
     let b_addr = b.addr.to_string();
     let mut config = Config::new(vec![a.backend(), b.backend(), c.backend()]);
-    config.outlier = OutlierDetection::new().consecutive_failures(3).unwrap();
+    config.outlier = OutlierDetection::new().consecutive_failures(3);
     let proxy = Proxy::start(config).await;
     assert_eq!(
         shares(&proxy, 30).await.len(),
@@ -652,13 +652,9 @@ fn fast_health_checks() -> ActiveHealth {
     let mut health = ActiveHealth::new("/healthz");
     health.settings = HealthCheckBuilder::new()
         .interval(Duration::from_millis(20))
-        .unwrap()
         .timeout(Duration::from_millis(500))
-        .unwrap()
         .fall(1)
-        .unwrap()
-        .rise(2)
-        .unwrap();
+        .rise(2);
     health
 }
 
@@ -1950,7 +1946,7 @@ async fn malformed_or_abandoned_request_bodies_are_the_client_s_fault() {
     let backend = reading_backend(arrivals_tx).await;
     let mut config = Config::new(vec![backend.backend()]);
     // Three failures in a row would eject it: five faults of each kind must not.
-    config.outlier = OutlierDetection::new().consecutive_failures(3).unwrap();
+    config.outlier = OutlierDetection::new().consecutive_failures(3);
     let proxy = Proxy::start(config).await;
 
     for _ in 0..5 {

@@ -225,7 +225,7 @@ async fn a_fail_fast_endpoint_gets_no_more_than_its_share() {
         share <= 0.2,
         "fail-fast share with the default penalty: {share}"
     );
-    let share = fail_fast_share(LeastConnections::new().error_penalty(0)).await;
+    let share = fail_fast_share(LeastConnections::new().error_penalty(0).unwrap()).await;
     assert!(
         share > 0.5,
         "without the penalty the fail-fast endpoint is a black hole: {share}"

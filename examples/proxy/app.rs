@@ -477,7 +477,7 @@ fn build_balancer(
         None => (candidates, None),
         Some(active) => {
             let probe = HttpProbe::new(&client, &active.path)?;
-            let checked = active.settings.build(candidates, probe);
+            let checked = active.settings.build(candidates, probe)?;
             let status = checked.status();
             (Box::pin(checked.map_err(BoxError::from)), Some(status))
         }
@@ -509,7 +509,7 @@ fn build_balancer(
         .weighted()
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
-        .outlier_detection(config.outlier)
+        .outlier_detection(config.outlier)?
         .layer(Box::pin(endpoints) as Endpoints);
     Ok((balance, health))
 }

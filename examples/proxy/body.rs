@@ -19,6 +19,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tower::BoxError;
+use tower_lb::classify::CallerError;
 
 /// Fails a body that waits longer than `timeout` for its next frame. The timer is armed only
 /// while the body waits, so a body whose frames are ready costs no timer.
@@ -143,6 +144,10 @@ impl ClientSide {
 }
 
 /// A client's request body on its way to a backend.
+///
+/// Like tower-lb's `http::CallerBody`, its failures carry a `CallerError`; it also keeps the
+/// body for a second try until a backend reads it, times pauses, and tells the handler which
+/// fault the client made (400 or 408).
 pub(crate) struct RequestBody {
     client: Option<Arc<ClientSide>>,
     /// Taken from `client` at the first read.
@@ -223,9 +228,11 @@ impl HttpBody for RequestBody {
             return Poll::Ready(None);
         };
         match Pin::new(body).poll_frame(cx) {
+            // Marked as the caller's doing, so the balancer never counts it against the
+            // backend even if the failure reaches it before the handler gives up the call.
             Poll::Ready(Some(Err(error))) => {
                 client.record(ClientFault::BadBody);
-                Poll::Ready(Some(Err(error.into())))
+                Poll::Ready(Some(Err(CallerError::new(error).into())))
             }
             Poll::Ready(frame) => {
                 this.timer.disarm();
@@ -233,7 +240,7 @@ impl HttpBody for RequestBody {
             }
             Poll::Pending if this.timer.expired(cx) => {
                 client.record(ClientFault::TimedOut);
-                Poll::Ready(Some(Err(ClientBodyTimeout.into())))
+                Poll::Ready(Some(Err(CallerError::new(ClientBodyTimeout).into())))
             }
             Poll::Pending => Poll::Pending,
         }

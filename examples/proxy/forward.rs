@@ -176,7 +176,7 @@ fn nothing_was_sent(
     client: Option<&ClientSide>,
 ) -> bool {
     let refused = matches!(
-        error.downcast_ref::<UpstreamError>(),
+        find::<UpstreamError>(error),
         Some(UpstreamError {
             failure: Failure::Connect(_),
             ..
@@ -222,7 +222,7 @@ fn backend_failure(
     if let Some(fault) = client.and_then(ClientSide::fault) {
         return client_fault(fault, peer);
     }
-    if let Some(tower_lb::Error::NoEndpoints) = error.downcast_ref::<tower_lb::Error>() {
+    if let Some(tower_lb::Error::NoEndpoints) = find::<tower_lb::Error>(error) {
         tracing::warn!("no backend is available");
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -230,13 +230,28 @@ fn backend_failure(
         );
     }
     tracing::warn!(error = %chain(error), "backend failure");
-    match error.downcast_ref::<UpstreamError>() {
+    match find::<UpstreamError>(error) {
         Some(UpstreamError {
             failure: Failure::Timeout(_),
             ..
         }) => plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n"),
         _ => plain(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"),
     }
+}
+
+/// The first error of type `E` in `error`'s chain (the balancer wraps an endpoint's error in
+/// one that names the endpoint).
+fn find<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(found) = error.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = error.source();
+    }
+    None
 }
 
 /// An error and its causes on one line, for the log.

@@ -9,6 +9,7 @@ use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
+use crate::classify::{is_caller_error, EndpointError};
 use crate::completion::{CompleteOnResponse, TrackCompletion};
 use crate::endpoint::{clock, InFlightGuard};
 use crate::error::Error;
@@ -17,9 +18,12 @@ pin_project! {
     /// The response future of [`Balance`](crate::Balance).
     ///
     /// It owns the request's [`InFlightGuard`]: the endpoint's in-flight count drops when the
-    /// call fails (counted as a failure), when this future is dropped or unwinds unfinished,
-    /// or when the response arrives — then the balancer's [`TrackCompletion`] decides whether
-    /// the guard is dropped or travels on inside the response (e.g. an HTTP body).
+    /// call fails (counted as a failure of the endpoint unless it was the caller's, see
+    /// [`classify`](crate::classify); the error is wrapped in an
+    /// [`EndpointError`] naming the endpoint), when this future is dropped or unwinds
+    /// unfinished, or when the response arrives — then the balancer's [`TrackCompletion`]
+    /// classifies it and decides whether the guard is dropped or travels on inside the
+    /// response (e.g. an HTTP body).
     pub struct ResponseFuture<S, Req, C = CompleteOnResponse>
     where
         S: Service<Req>,
@@ -27,7 +31,7 @@ pin_project! {
         #[pin]
         state: State<S, Req>,
         guard: Option<InFlightGuard>,
-        latency: Option<LatencyProbe>,
+        timing: Option<Timing>,
         completion: C,
     }
 
@@ -36,28 +40,65 @@ pin_project! {
         S: Service<Req>,
     {
         fn drop(this: Pin<&mut Self>) {
-            // Dropped unfinished (a client timeout, say): the endpoint took at least this long.
-            // PeakEWMA takes the sample as a peak, so an endpoint that hangs stops looking idle
-            // even though none of its requests ever completes.
+            // Dropped unfinished (a caller's timeout, say).
             let this = this.project();
-            if let (Some(guard), Some(probe)) = (this.guard.as_ref(), this.latency.as_ref()) {
-                let now = clock::now_ns();
-                guard.record_rtt(now.saturating_sub(probe.start) as f64, now, probe.decay_ns);
+            if let (Some(guard), Some(timing)) = (this.guard.as_ref(), this.timing.as_ref()) {
+                timing.abandoned(guard);
             }
         }
     }
 }
 
-/// Measures a response's latency into its endpoint's PeakEWMA estimate.
+/// What a request measures from its dispatch: its latency, into the endpoint's PeakEWMA
+/// estimate, and how long it waited if it is abandoned. `None` (no clock read) when neither is
+/// asked for.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct LatencyProbe {
+pub(crate) struct Timing {
     start: u64,
-    decay_ns: f64,
+    decay_ns: Option<f64>,
+    abandon_after_ns: Option<u64>,
 }
 
-impl LatencyProbe {
-    pub(crate) fn new(start: u64, decay_ns: f64) -> Self {
-        Self { start, decay_ns }
+impl Timing {
+    /// The clock reading a dispatch needs, if it needs one.
+    #[inline]
+    pub(crate) fn needed(decay_ns: Option<f64>, abandon_after_ns: Option<u64>) -> bool {
+        decay_ns.is_some() || abandon_after_ns.is_some()
+    }
+
+    #[inline]
+    pub(crate) fn new(
+        start: u64,
+        decay_ns: Option<f64>,
+        abandon_after_ns: Option<u64>,
+    ) -> Option<Self> {
+        Self::needed(decay_ns, abandon_after_ns).then_some(Self {
+            start,
+            decay_ns,
+            abandon_after_ns,
+        })
+    }
+
+    /// The response arrived (or failed): a latency sample.
+    fn answered(&self, guard: &InFlightGuard) {
+        if let Some(decay) = self.decay_ns {
+            let now = clock::now_ns();
+            guard.record_rtt(now.saturating_sub(self.start) as f64, now, decay);
+        }
+    }
+
+    /// The caller gave up: the endpoint took at least this long, which PeakEWMA takes as a
+    /// peak, so an endpoint that hangs stops looking idle though none of its requests ever
+    /// completes; and after a long enough wait it counts as the endpoint's failure.
+    fn abandoned(&self, guard: &InFlightGuard) {
+        let now = clock::now_ns();
+        let waited = now.saturating_sub(self.start);
+        if let Some(decay) = self.decay_ns {
+            guard.record_rtt(waited as f64, now, decay);
+        }
+        if self.abandon_after_ns.is_some_and(|after| waited >= after) {
+            guard.record_failure();
+        }
     }
 }
 
@@ -80,13 +121,13 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     pub(crate) fn called(
         future: S::Future,
         guard: InFlightGuard,
-        latency: Option<LatencyProbe>,
+        timing: Option<Timing>,
         completion: C,
     ) -> Self {
         Self {
             state: State::Called { future },
             guard: Some(guard),
-            latency,
+            timing,
             completion,
         }
     }
@@ -94,13 +135,13 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     pub(crate) fn readying(
         oneshot: Oneshot<S, Req>,
         guard: InFlightGuard,
-        latency: Option<LatencyProbe>,
+        timing: Option<Timing>,
         completion: C,
     ) -> Self {
         Self {
             state: State::Readying { oneshot },
             guard: Some(guard),
-            latency,
+            timing,
             completion,
         }
     }
@@ -109,7 +150,7 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
         Self {
             state: State::Failed { error: Some(error) },
             guard: None,
-            latency: None,
+            timing: None,
             completion,
         }
     }
@@ -136,27 +177,23 @@ where
         let Some(guard) = this.guard.take() else {
             return Poll::Ready(Err("response future polled after completion".into()));
         };
-        if let Some(probe) = this.latency {
-            let now = clock::now_ns();
-            let sample = now.saturating_sub(probe.start) as f64;
-            guard.record_rtt(sample, now, probe.decay_ns);
+        if let Some(timing) = this.timing {
+            timing.answered(&guard);
         }
-        match result {
-            Ok(response) => {
-                if this.completion.is_failure(&response) {
-                    guard.record_failure();
-                } else {
-                    guard.record_success();
-                }
-                Poll::Ready(Ok(this.completion.track(guard, response)))
-            }
+        Poll::Ready(match result {
+            // The completion records the response's verdict, and ends the request now or
+            // keeps it in flight inside the response.
+            Ok(response) => Ok(this.completion.track(guard, response)),
             // Dropping the guard releases the endpoint now, not when the caller drops the
             // finished future.
             Err(error) => {
-                guard.record_failure();
-                Poll::Ready(Err(error.into()))
+                let error: BoxError = error.into();
+                if !is_caller_error(&*error) {
+                    guard.record_failure();
+                }
+                Err(EndpointError::new(guard.endpoint(), error).into())
             }
-        }
+        })
     }
 }
 

@@ -30,6 +30,8 @@ pub(super) struct Config {
     /// How long `poll_ready` waits for discovery to produce an endpoint before failing with
     /// `NoEndpoints`; `None` fails at once.
     pub(super) wait_for_endpoints: Option<Duration>,
+    /// See [`BalanceLayer::count_abandoned_after`].
+    pub(super) abandon_after: Option<Duration>,
     pub(super) passive: Passive,
     /// Seeds the clones' random generators, for reproducible runs.
     pub(super) seed: Option<u64>,
@@ -67,6 +69,7 @@ where
     let front = Front {
         key,
         wait_for_endpoints: config.wait_for_endpoints,
+        abandon_after_ns: config.abandon_after.map(|d| d.as_nanos() as u64),
         clones: CachePadded(AtomicU64::new(0)),
         rotation_base,
         seed_base,
@@ -86,7 +89,12 @@ where
     let _ = shared.task.spawn();
     // No table yet: a balancer that is only ever cloned (axum's `State`, say) must not keep a
     // table, and with it removed endpoints' services, alive.
-    let local = Local::new(clone_state(&shared.front), NO_VERSION, None);
+    let local = Local::new(
+        clone_state(&shared.front),
+        NO_VERSION,
+        None,
+        shared.front.abandon_after_ns,
+    );
     Balance {
         shared,
         local,
@@ -181,11 +189,33 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
         Ok(self)
     }
 
+    /// Counts a request whose response future (or tracked body) the caller drops unfinished
+    /// after waiting at least `wait` as a failure of its endpoint, so that a caller's own
+    /// timeout around the balancer — `ServiceBuilder::timeout` outside it, say — still blames
+    /// an endpoint that hangs. Requests dropped sooner (the caller went away) never count. Off
+    /// by default; set it a little below the outer timeout. At most a day. Costs one clock
+    /// read per request.
+    ///
+    /// A timeout inside the balancer, around each endpoint (see
+    /// [`discover::with_layer`](crate::discover::with_layer)), blames the endpoint in any case.
+    pub fn count_abandoned_after(mut self, wait: Duration) -> Result<Self, ConfigError> {
+        if wait > MAX_WAIT {
+            return Err(ConfigError::new(
+                "count_abandoned_after",
+                format!("{wait:?} is longer than the one-day maximum"),
+            ));
+        }
+        self.config.abandon_after = Some(wait);
+        Ok(self)
+    }
+
     /// Ejects endpoints whose responses keep failing; see [`health`](crate::health). Off by
-    /// default. Needs tokio's timer.
-    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+    /// default. Needs tokio's timer. The settings are checked here; the error names the first
+    /// one out of range.
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Result<Self, ConfigError> {
+        outlier.validate()?;
         self.config.passive.outlier = Some(outlier);
-        self
+        Ok(self)
     }
 
     /// When fewer than `share` (0–1) of the endpoints are available, balance over all of them,
@@ -202,10 +232,11 @@ impl<St, Kx, W, C> BalanceLayer<St, Kx, W, C> {
     }
 
     /// Ramps up the share of new and recovered endpoints; see [`health`](crate::health). Off by
-    /// default. Needs tokio's timer.
-    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+    /// default. Needs tokio's timer. The settings are checked here.
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Result<Self, ConfigError> {
+        slow_start.validate()?;
         self.config.passive.slow_start = Some(slow_start);
-        self
+        Ok(self)
     }
 
     /// Seeds the random choices of every clone (rotation starts, sampling) so that a run can

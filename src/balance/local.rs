@@ -15,7 +15,7 @@ use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::future::{LatencyProbe, ResponseFuture};
+use super::future::{ResponseFuture, Timing};
 use super::wait::Waiting;
 use super::Front;
 use crate::control::table::{Snapshot, Source, Table, FAILED};
@@ -49,8 +49,10 @@ pub(super) struct Local<S, P: Picker> {
     pub(super) snapshot: Option<Arc<Snapshot<S, P>>>,
     copies: Copies<S>,
     pub(super) reserved: Reserved,
-    /// The clock reading of the reserving pick, for pickers that measure latency.
+    /// The clock reading of the reserving pick, when requests are timed.
     picked_at: u64,
+    /// A request abandoned after this long counts as its endpoint's failure.
+    abandon_after_ns: Option<u64>,
     pick: LocalState,
     picker_local: P::Local,
     /// The bounded wait for endpoints, while one runs.
@@ -70,8 +72,10 @@ impl<S: Clone, P: Picker> Local<S, P> {
         pick: LocalState,
         version: u64,
         snapshot: Option<Arc<Snapshot<S, P>>>,
+        abandon_after_ns: Option<u64>,
     ) -> Self {
         Self {
+            abandon_after_ns,
             version,
             snapshot,
             copies: Copies::new(),
@@ -124,6 +128,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
             pick,
             picker_local,
             picked_at,
+            abandon_after_ns,
             ..
         } = self;
         let Some(snapshot) = snapshot.as_deref() else {
@@ -134,7 +139,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         if n == 0 {
             return Poll::Ready(None);
         }
-        let now = if snapshot.latency_decay_ns.is_some() {
+        let now = if Timing::needed(snapshot.latency_decay_ns, *abandon_after_ns) {
             clock::now_ns()
         } else {
             0
@@ -262,13 +267,15 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let Some(guard) = handle.try_dispatch(snapshot.unavailable(), source.id) else {
             return Err(request);
         };
-        let probe = snapshot
-            .latency_decay_ns
-            .map(|decay| LatencyProbe::new(self.picked_at, decay));
+        let timing = Timing::new(
+            self.picked_at,
+            snapshot.latency_decay_ns,
+            self.abandon_after_ns,
+        );
         Ok(ResponseFuture::called(
             service.call(request),
             guard,
-            probe,
+            timing,
             completion.clone(),
         ))
     }
@@ -311,18 +318,24 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let Some(guard) = handle.try_dispatch(unavailable, source.id) else {
             return Err(request);
         };
-        let probe = snapshot
-            .latency_decay_ns
-            .map(|decay| LatencyProbe::new(clock::now_ns(), decay));
+        let timing = if Timing::needed(snapshot.latency_decay_ns, self.abandon_after_ns) {
+            Timing::new(
+                clock::now_ns(),
+                snapshot.latency_decay_ns,
+                self.abandon_after_ns,
+            )
+        } else {
+            None
+        };
         Ok(if ready {
-            ResponseFuture::called(service.call(request), guard, probe, completion.clone())
+            ResponseFuture::called(service.call(request), guard, timing, completion.clone())
         } else {
             // Not ready (or failing): the response future readies a clone of it, so the
             // request still goes where it was sent, and a failure is counted there.
             ResponseFuture::readying(
                 Oneshot::new(service.clone(), request),
                 guard,
-                probe,
+                timing,
                 completion.clone(),
             )
         })

@@ -238,7 +238,12 @@ where
         };
         Self {
             shared: Arc::clone(&self.shared),
-            local: Local::new(clone_state(&self.shared.front), version, snapshot),
+            local: Local::new(
+                clone_state(&self.shared.front),
+                version,
+                snapshot,
+                self.shared.front.abandon_after_ns,
+            ),
             completion: self.completion.clone(),
         }
     }

@@ -120,6 +120,51 @@ impl<D: fmt::Debug, M> fmt::Debug for Connect<D, M> {
     }
 }
 
+/// Wraps every endpoint service `source` yields in `layer`: a per-endpoint timeout, a
+/// concurrency limit, a retry — anything that should see each endpoint alone, inside the
+/// balancer. It is [`connect`] with `layer` as the maker.
+///
+/// An error that the layer returns is the endpoint's, so it counts against the endpoint (see
+/// [`classify`](crate::classify)): with a timeout here, an endpoint that hangs is blamed and,
+/// with outlier detection, ejected, where a timeout around the whole balancer would only fail
+/// the caller's request.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::timeout::TimeoutLayer;
+/// use tower::{service_fn, Layer, ServiceBuilder};
+/// use tower_lb::{discover, strategy::PowerOfTwoChoices, BalanceLayer};
+///
+/// let replicas = (0..3).map(|i| {
+///     (i, service_fn(move |_: ()| async move { Ok::<_, std::convert::Infallible>(i) }))
+/// });
+/// let svc = ServiceBuilder::new()
+///     // Around the balancer: the caller's own deadline, covering any wait for endpoints.
+///     .timeout(Duration::from_secs(5))
+///     .layer(BalanceLayer::new(PowerOfTwoChoices::peak_ewma()))
+///     // Inside it, per endpoint: an endpoint slower than this fails, and that counts.
+///     .service(discover::with_layer(
+///         discover::fixed(replicas),
+///         TimeoutLayer::new(Duration::from_secs(2)),
+///     ));
+/// # let _ = svc;
+/// ```
+pub fn with_layer<D, L>(source: D, layer: L) -> Connect<D, EachEndpoint<L>> {
+    connect(source, EachEndpoint(layer))
+}
+
+/// The [`MakeEndpoint`] of [`with_layer`]: applies a layer to each endpoint service.
+#[derive(Clone, Debug)]
+pub struct EachEndpoint<L>(pub L);
+
+impl<S, L: tower_layer::Layer<S>> MakeEndpoint<S> for EachEndpoint<L> {
+    type Service = L::Service;
+
+    fn make_endpoint(&mut self, service: S) -> L::Service {
+        self.0.layer(service)
+    }
+}
+
 /// Maps a discovery stream of targets to one of endpoint services with a
 /// [`MakeService`](tower::MakeService): a service that, given a target, asynchronously makes
 /// the endpoint service (connecting first, or looking something up), and may fail.

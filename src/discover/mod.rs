@@ -6,6 +6,11 @@
 //!   these (or any other source) and passes on only the endpoints whose probes pass.
 //! - [`dns`] (feature `dns`): addresses from DNS names (A/AAAA and SRV), re-resolved as their
 //!   TTLs run out.
+//! - [`with_layer`]: wraps each endpoint in a layer — a per-endpoint timeout, whose expiry
+//!   then counts against the endpoint.
+//! - `etcd` (feature `etcd`): the endpoints registered under a service's prefix in etcd,
+//!   watched live (gRPC-Go's naming layout), and `etcd::register` for a server's own entry
+//!   under a lease. Kubernetes EndpointSlices are in the `tower-lb-kube` crate.
 //! - [`connect`] and [`connect_service`]: turn a source of addresses (or [`Target`]s: an
 //!   address with a name and a weight) into one of endpoint services — a tonic `Channel` per
 //!   address, a hyper client, anything — keeping the keys.
@@ -31,8 +36,8 @@
 //!     async move { healthy }
 //! });
 //! let checked = HealthCheckBuilder::new()
-//!     .interval(Duration::from_secs(1))?
-//!     .build(discover::fixed(replicas), probe);
+//!     .interval(Duration::from_secs(1))
+//!     .build(discover::fixed(replicas), probe)?;
 //! let health = checked.status();
 //! let balance = Balance::new(checked, RoundRobin::new());
 //! # tokio::time::sleep(Duration::from_millis(10)).await;
@@ -46,11 +51,16 @@ mod channel;
 mod connect;
 #[cfg(feature = "dns")]
 pub mod dns;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod fixed;
 mod target;
 
 pub use channel::{channel, ChannelDiscover, DiscoverHandle};
-pub use connect::{connect, connect_service, Connect, ConnectService, MakeEndpoint, MakeError};
+pub use connect::{
+    connect, connect_service, with_layer, Connect, ConnectService, EachEndpoint, MakeEndpoint,
+    MakeError,
+};
 pub use fixed::{fixed, Fixed};
 #[cfg(feature = "http")]
 pub(crate) use target::check_authority;

@@ -73,6 +73,51 @@ impl InFlightGuard {
     pub fn endpoint_in_flight(&self) -> u64 {
         self.state().in_flight()
     }
+
+    /// The endpoint's identity (the discovery key's `Debug` form), for errors and logs.
+    pub fn endpoint(&self) -> &str {
+        self.state().identity()
+    }
+
+    /// Ends the request's in-flight count now, and returns what records its outcome once it
+    /// is known — for a stream tracked only until its first data whose status arrives at its
+    /// end (gRPC trailers), say.
+    pub fn into_outcome(self) -> Outcome {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the guard's in-flight reference, which `ManuallyDrop` keeps from being
+        // released again, becomes the outcome's owner reference.
+        unsafe { trade_for_owner(this.ptr) };
+        Outcome {
+            endpoint: super::EndpointHandle { ptr: this.ptr },
+        }
+    }
+}
+
+/// Records the outcome of a request that no longer counts as in flight; see
+/// [`InFlightGuard::into_outcome`]. Dropping it records nothing.
+#[must_use = "an outcome records nothing unless told"]
+pub struct Outcome {
+    endpoint: super::EndpointHandle,
+}
+
+impl Outcome {
+    /// Counts the request as failed against its endpoint.
+    pub fn record_failure(self) {
+        self.endpoint.record_response_failure();
+    }
+
+    /// Counts the request as answered successfully, ending any run of failures.
+    pub fn record_success(self) {
+        self.endpoint.record_response_success();
+    }
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outcome")
+            .field("endpoint", &self.endpoint.identity())
+            .finish()
+    }
 }
 
 impl Drop for InFlightGuard {
@@ -149,49 +194,54 @@ unsafe fn release_in_flight(ptr: NonNull<EndpointState>) {
 
 /// Ends one request to an endpoint being drained, and wakes the drain if it was the last.
 ///
-/// The in-flight reference is traded for an owner reference in one step — `OWNER - 1` takes
-/// one from the in-flight count and adds one owner — so the state outlives the wake; the owner
-/// reference is released after.
-///
 /// # Safety
 /// The caller holds one in-flight reference on a live state that did not report when the
 /// reference was taken.
 #[cold]
 #[inline(never)]
 unsafe fn release_draining(ptr: NonNull<EndpointState>) {
-    // SAFETY: the caller's reference keeps the state alive, and then the owner reference does.
-    let state = unsafe { ptr.as_ref() };
-    let prev = state.refs.fetch_add(OWNER - 1, Ordering::AcqRel);
-    check_owners(prev);
-    if prev & IN_FLIGHT_MASK == 1 {
-        state.drained.wake();
+    // SAFETY: the caller's reference, traded for an owner one, which is released after.
+    unsafe {
+        trade_for_owner(ptr);
+        release(ptr, OWNER);
     }
-    // SAFETY: the owner reference taken above.
-    unsafe { release(ptr, OWNER) }
 }
 
 /// Ends one request to an endpoint that reports its load, reports the new count, and wakes a
 /// drain if it was the last request.
 ///
-/// The report must follow the decrement, and the state (which owns the watch, which owns the
-/// report's destination) must outlive the report, so the in-flight reference is traded for an
-/// owner reference in one step, as in [`release_draining`], and that is released after.
-///
 /// # Safety
 /// The caller holds one in-flight reference on a live state that reports.
 #[inline(never)]
 unsafe fn release_reporting(ptr: NonNull<EndpointState>) {
+    // SAFETY: as for `release_draining`.
+    unsafe {
+        trade_for_owner(ptr);
+        release(ptr, OWNER);
+    }
+}
+
+/// Ends one request to an endpoint but keeps the state alive: the in-flight reference is
+/// traded for an owner reference in one step — `OWNER - 1` takes one from the in-flight count
+/// and adds one owner — then the new count is reported (if the endpoint reports its load) and
+/// a drain waiting for it is woken (if it was the last). The report must follow the decrement
+/// and the state must outlive the report and the wake, hence the trade. The caller then holds
+/// the owner reference.
+///
+/// # Safety
+/// The caller holds one in-flight reference on a live state.
+#[inline]
+unsafe fn trade_for_owner(ptr: NonNull<EndpointState>) {
     // SAFETY: the caller's reference keeps the state alive, and then the owner reference does.
     let state = unsafe { ptr.as_ref() };
     let prev = state.refs.fetch_add(OWNER - 1, Ordering::AcqRel);
     check_owners(prev);
-    debug_assert!(prev & WATCHED != 0);
-    state.report_in_flight((prev & IN_FLIGHT_MASK) - 1);
+    if prev & WATCHED != 0 {
+        state.report_in_flight((prev & IN_FLIGHT_MASK) - 1);
+    }
     if prev & DRAIN != 0 && prev & IN_FLIGHT_MASK == 1 {
         state.drained.wake();
     }
-    // SAFETY: the owner reference taken above.
-    unsafe { release(ptr, OWNER) }
 }
 
 /// Frees a cell after its last reference was released.

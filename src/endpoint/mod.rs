@@ -45,7 +45,7 @@ use std::ptr::{self, NonNull};
 
 use crate::util::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicWaker, Ordering};
 
-pub use guard::InFlightGuard;
+pub use guard::{InFlightGuard, Outcome};
 pub(crate) use latency::clock;
 pub(crate) use load_report::{Activation, LoadReport};
 

@@ -28,14 +28,16 @@
 //! use tower_lb::health::{OutlierDetection, SlowStart};
 //! use tower_lb::{strategy::RoundRobin, BalanceLayer};
 //!
+//! // Settings are plain values; each group is checked once, where the balancer takes it, and
+//! // the error names the setting out of range.
 //! let layer = BalanceLayer::new(RoundRobin::new())
 //!     .outlier_detection(
 //!         OutlierDetection::new()
-//!             .consecutive_failures(5)?
-//!             .base_ejection_time(Duration::from_secs(30))?,
-//!     )
+//!             .consecutive_failures(5)
+//!             .base_ejection_time(Duration::from_secs(30)),
+//!     )?
 //!     .panic_threshold(0.5)?
-//!     .slow_start(SlowStart::new(Duration::from_secs(60))?);
+//!     .slow_start(SlowStart::new(Duration::from_secs(60)))?;
 //! # let _ = layer;
 //! # Ok::<(), tower_lb::ConfigError>(())
 //! ```

@@ -33,6 +33,10 @@ impl Default for OutlierDetection {
     }
 }
 
+/// The longest ejection accepted: a day. Longer is a removal, which discovery or a drain
+/// expresses better, and it keeps the ejection timer far from the clock's limits.
+const MAX_EJECTION_TIME: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl OutlierDetection {
     /// The defaults.
     pub fn new() -> Self {
@@ -40,56 +44,74 @@ impl OutlierDetection {
     }
 
     /// Failures in a row that eject an endpoint; at least 1.
-    pub fn consecutive_failures(mut self, failures: u32) -> Result<Self, ConfigError> {
-        if failures == 0 {
+    pub fn consecutive_failures(mut self, failures: u32) -> Self {
+        self.consecutive_failures = failures;
+        self
+    }
+
+    /// The first ejection's length; later ones are this times the number of ejections. More
+    /// than a day is rejected. It raises the maximum ejection time if it is above it.
+    pub fn base_ejection_time(mut self, time: Duration) -> Self {
+        if time > self.max_ejection_time {
+            self.max_ejection_time = time;
+        }
+        self.base_ejection_time = time;
+        self
+    }
+
+    /// The longest ejection (at least the base ejection time, at most a day); also how long a
+    /// returned endpoint must stay healthy before its ejection count starts over.
+    pub fn max_ejection_time(mut self, time: Duration) -> Self {
+        self.max_ejection_time = time;
+        self
+    }
+
+    /// The largest share of endpoints ejected at once, in percent (0–100); one endpoint may
+    /// always be ejected.
+    pub fn max_ejected_percent(mut self, percent: u8) -> Self {
+        self.max_ejected_percent = percent;
+        self
+    }
+
+    /// Checks every setting; the balancer does when it is given these settings
+    /// ([`BalanceLayer::outlier_detection`](crate::BalanceLayer::outlier_detection)).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.consecutive_failures == 0 {
             return Err(ConfigError::new(
                 "consecutive_failures",
                 "must be at least 1 (leave outlier detection off to disable it)",
             ));
         }
-        self.consecutive_failures = failures;
-        Ok(self)
-    }
-
-    /// The first ejection's length; later ones are this times the number of ejections.
-    pub fn base_ejection_time(mut self, time: Duration) -> Result<Self, ConfigError> {
-        if time.is_zero() {
+        if self.base_ejection_time.is_zero() {
             return Err(ConfigError::new("base_ejection_time", "must not be zero"));
         }
-        if time > self.max_ejection_time {
-            self.max_ejection_time = time;
+        for (setting, time) in [
+            ("base_ejection_time", self.base_ejection_time),
+            ("max_ejection_time", self.max_ejection_time),
+        ] {
+            if time > MAX_EJECTION_TIME {
+                return Err(ConfigError::new(
+                    setting,
+                    format!("{time:?} is longer than the one-day maximum; remove or drain the endpoint instead"),
+                ));
+            }
         }
-        self.base_ejection_time = time;
-        Ok(self)
-    }
-
-    /// The longest ejection; also how long a returned endpoint must stay healthy before its
-    /// ejection count starts over.
-    pub fn max_ejection_time(mut self, time: Duration) -> Result<Self, ConfigError> {
-        if time < self.base_ejection_time {
+        if self.max_ejection_time < self.base_ejection_time {
             return Err(ConfigError::new(
                 "max_ejection_time",
                 format!(
-                    "{time:?} is shorter than the base ejection time {:?}",
-                    self.base_ejection_time
+                    "{:?} is shorter than the base ejection time {:?}",
+                    self.max_ejection_time, self.base_ejection_time
                 ),
             ));
         }
-        self.max_ejection_time = time;
-        Ok(self)
-    }
-
-    /// The largest share of endpoints ejected at once, in percent (0–100); one endpoint may
-    /// always be ejected.
-    pub fn max_ejected_percent(mut self, percent: u8) -> Result<Self, ConfigError> {
-        if percent > 100 {
+        if self.max_ejected_percent > 100 {
             return Err(ConfigError::new(
                 "max_ejected_percent",
-                format!("{percent} is above 100"),
+                format!("{} is above 100", self.max_ejected_percent),
             ));
         }
-        self.max_ejected_percent = percent;
-        Ok(self)
+        Ok(())
     }
 
     /// How long the `ejections`-th ejection lasts.
@@ -229,9 +251,7 @@ mod tests {
     fn ejection_time_grows_with_ejections_up_to_the_cap() {
         let od = OutlierDetection::new()
             .base_ejection_time(Duration::from_secs(10))
-            .unwrap()
-            .max_ejection_time(Duration::from_secs(25))
-            .unwrap();
+            .max_ejection_time(Duration::from_secs(25));
         assert_eq!(od.ejection_time(1), Duration::from_secs(10));
         assert_eq!(od.ejection_time(2), Duration::from_secs(20));
         assert_eq!(od.ejection_time(3), Duration::from_secs(25));
@@ -244,14 +264,29 @@ mod tests {
     }
 
     #[test]
-    fn invalid_settings_are_rejected() {
-        assert!(OutlierDetection::new().consecutive_failures(0).is_err());
-        assert!(OutlierDetection::new()
-            .base_ejection_time(Duration::ZERO)
-            .is_err());
-        assert!(OutlierDetection::new()
-            .max_ejection_time(Duration::from_secs(1))
-            .is_err());
-        assert!(OutlierDetection::new().max_ejected_percent(101).is_err());
+    fn invalid_settings_are_rejected_with_the_setting_named() {
+        let setting = |od: OutlierDetection| od.validate().unwrap_err().setting();
+        let od = OutlierDetection::new();
+        assert_eq!(setting(od.consecutive_failures(0)), "consecutive_failures");
+        assert_eq!(
+            setting(od.base_ejection_time(Duration::ZERO)),
+            "base_ejection_time"
+        );
+        assert_eq!(
+            setting(od.base_ejection_time(Duration::MAX)),
+            "base_ejection_time"
+        );
+        assert_eq!(
+            setting(od.max_ejection_time(Duration::MAX)),
+            "max_ejection_time"
+        );
+        assert_eq!(
+            setting(od.max_ejection_time(Duration::from_secs(1))),
+            "max_ejection_time"
+        );
+        assert_eq!(setting(od.max_ejected_percent(101)), "max_ejected_percent");
+        od.base_ejection_time(Duration::from_secs(24 * 60 * 60))
+            .validate()
+            .expect("a day is the maximum, and raises the maximum time");
     }
 }

@@ -28,41 +28,54 @@ pub(crate) const STEPS: u32 = 10;
 /// can ramp too.
 pub(crate) const SCALE: u32 = 100;
 
+/// The longest window accepted: a day.
+const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl SlowStart {
-    /// A linear ramp over `window`, starting at 10% of the weight.
-    pub fn new(window: Duration) -> Result<Self, ConfigError> {
-        if window.is_zero() {
-            return Err(ConfigError::new("slow start window", "must not be zero"));
-        }
-        Ok(Self {
+    /// A linear ramp over `window` (more than zero, at most a day), starting at 10% of the
+    /// weight.
+    pub fn new(window: Duration) -> Self {
+        Self {
             window,
             aggression: 1.0,
             min_weight_percent: 10,
-        })
+        }
     }
 
-    /// The ramp's shape: 1 is linear, larger ramps faster at first; must be positive.
-    pub fn aggression(mut self, aggression: f64) -> Result<Self, ConfigError> {
-        if !(aggression.is_finite() && aggression > 0.0) {
-            return Err(ConfigError::new(
-                "slow start aggression",
-                format!("{aggression} is not a positive number"),
-            ));
-        }
+    /// The ramp's shape: 1 is linear, larger ramps faster at first; must be a positive number.
+    pub fn aggression(mut self, aggression: f64) -> Self {
         self.aggression = aggression;
-        Ok(self)
+        self
     }
 
     /// The share of its weight a ramping endpoint starts at, in percent (1–100).
-    pub fn min_weight_percent(mut self, percent: u8) -> Result<Self, ConfigError> {
-        if percent == 0 || percent > 100 {
+    pub fn min_weight_percent(mut self, percent: u8) -> Self {
+        self.min_weight_percent = percent;
+        self
+    }
+
+    /// Checks every setting; the balancer does when it is given these settings
+    /// ([`BalanceLayer::slow_start`](crate::BalanceLayer::slow_start)).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.window.is_zero() || self.window > MAX_WINDOW {
             return Err(ConfigError::new(
-                "slow start min_weight_percent",
-                format!("{percent} is not between 1 and 100"),
+                "slow start window",
+                format!("{:?} is not between zero and a day", self.window),
             ));
         }
-        self.min_weight_percent = percent;
-        Ok(self)
+        if !(self.aggression.is_finite() && self.aggression > 0.0) {
+            return Err(ConfigError::new(
+                "slow start aggression",
+                format!("{} is not a positive number", self.aggression),
+            ));
+        }
+        if self.min_weight_percent == 0 || self.min_weight_percent > 100 {
+            return Err(ConfigError::new(
+                "slow start min_weight_percent",
+                format!("{} is not between 1 and 100", self.min_weight_percent),
+            ));
+        }
+        Ok(())
     }
 
     /// The weight factor, in 1/[`SCALE`]ths, `elapsed` into the window.
@@ -140,21 +153,24 @@ mod tests {
 
     #[test]
     fn the_ramp_is_linear_from_the_floor_by_default() {
-        let slow = SlowStart::new(Duration::from_secs(100)).unwrap();
+        let slow = SlowStart::new(Duration::from_secs(100));
         assert_eq!(slow.factor(Duration::ZERO), 10);
         assert_eq!(slow.factor(Duration::from_secs(50)), 50);
         assert_eq!(slow.factor(Duration::from_secs(100)), 100);
         assert_eq!(slow.factor(Duration::from_secs(500)), 100);
-        let aggressive = slow.aggression(2.0).unwrap();
+        let aggressive = slow.aggression(2.0);
         assert_eq!(aggressive.factor(Duration::from_secs(25)), 50);
     }
 
     #[test]
     fn invalid_settings_are_rejected() {
-        assert!(SlowStart::new(Duration::ZERO).is_err());
-        let slow = SlowStart::new(Duration::from_secs(1)).unwrap();
-        assert!(slow.aggression(0.0).is_err());
-        assert!(slow.aggression(f64::NAN).is_err());
-        assert!(slow.min_weight_percent(0).is_err());
+        assert!(SlowStart::new(Duration::ZERO).validate().is_err());
+        assert!(SlowStart::new(Duration::MAX).validate().is_err());
+        let slow = SlowStart::new(Duration::from_secs(1));
+        assert!(slow.validate().is_ok());
+        assert!(slow.aggression(0.0).validate().is_err());
+        assert!(slow.aggression(f64::NAN).validate().is_err());
+        assert!(slow.min_weight_percent(0).validate().is_err());
+        assert!(slow.min_weight_percent(101).validate().is_err());
     }
 }

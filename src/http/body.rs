@@ -1,13 +1,17 @@
-//! Keeping a request in flight while its response body streams.
+//! Keeping a request in flight while its response body streams, and judging the response —
+//! at its head, or at its end for a gRPC stream whose status comes in trailers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower_http::classify::{ClassifiedResponse, ClassifyEos, ClassifyResponse};
 
+use super::failures::{ServerFailures, ServerFailuresEos};
 use crate::completion::TrackCompletion;
-use crate::endpoint::InFlightGuard;
+use crate::endpoint::{InFlightGuard, Outcome};
 
 /// Until when a response body keeps its request in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,12 +24,19 @@ pub enum BodyCompletion {
     EndOfStream,
 }
 
-/// A [`TrackCompletion`] for `http::Response`s that moves the request's in-flight guard into
-/// the response body.
+/// A [`TrackCompletion`] for `http::Response`s: it judges each response with a
+/// [`tower-http` classifier](tower_http::classify) and keeps the request in flight inside the
+/// response body.
 ///
-/// The guard is released when the body reaches the chosen point, when it yields an error
-/// (counted as a failure of the endpoint), or when the body is dropped unfinished — whichever
-/// comes first. An empty body releases it at once.
+/// - **In flight**: the guard is released when the body reaches the chosen point
+///   ([`BodyCompletion`]), when it yields an error, or when it is dropped unfinished — whichever
+///   comes first. An empty body releases it at once.
+/// - **Judged**: by default with [`ServerFailures`] — a 5xx status, or for gRPC a status that
+///   says the server failed, read from the headers of a trailers-only response or from the
+///   trailers when the stream ends (also when the request stopped counting in flight at its
+///   first data). A body error counts as a failure; a body the caller drops unfinished does not.
+///   [`classify_with`](Self::classify_with) takes any other classifier, such as tower-http's
+///   `ServerErrorsAsFailures` or `StatusInRangeAsFailures`.
 ///
 /// ```
 /// use tower_lb::http::TrackBody;
@@ -34,13 +45,10 @@ pub enum BodyCompletion {
 /// let layer = BalanceLayer::new(RoundRobin::new()).track_completion(TrackBody::end_of_stream());
 /// # let _ = layer;
 /// ```
-///
-/// It also classifies responses for outlier detection and error-aware strategies: by default
-/// a 5xx status counts as a failure of the endpoint (see [`TrackBody::failure_when`]).
 #[derive(Clone, Copy, Debug)]
-pub struct TrackBody {
+pub struct TrackBody<C = ServerFailures> {
     until: BodyCompletion,
-    is_failure: fn(http::StatusCode) -> bool,
+    classifier: C,
 }
 
 impl TrackBody {
@@ -54,7 +62,8 @@ impl TrackBody {
         Self::until(BodyCompletion::FirstData)
     }
 
-    /// In flight until the response head: no body tracking, only the 5xx classification.
+    /// In flight until the response head: no in-flight tracking of the body, only its
+    /// judgement (5xx, gRPC status).
     pub fn head() -> Self {
         Self::until(BodyCompletion::Head)
     }
@@ -63,35 +72,64 @@ impl TrackBody {
     pub fn until(until: BodyCompletion) -> Self {
         Self {
             until,
-            is_failure: |status| status.is_server_error(),
+            classifier: ServerFailures::new(),
         }
-    }
-
-    /// Which statuses count as a failure of the endpoint (default: 5xx).
-    pub fn failure_when(mut self, is_failure: fn(http::StatusCode) -> bool) -> Self {
-        self.is_failure = is_failure;
-        self
     }
 }
 
-impl<B: Body> TrackCompletion<http::Response<B>> for TrackBody
-where
-    B: Send + 'static,
-{
-    type Output = http::Response<TrackedBody<B>>;
-
-    fn is_failure(&self, response: &http::Response<B>) -> bool {
-        (self.is_failure)(response.status())
+impl<C> TrackBody<C> {
+    /// Judges responses with `classifier` instead of [`ServerFailures`].
+    pub fn classify_with<C2>(self, classifier: C2) -> TrackBody<C2>
+    where
+        C2: ClassifyResponse + Clone,
+    {
+        TrackBody {
+            until: self.until,
+            classifier,
+        }
     }
+}
+
+impl<B, C> TrackCompletion<http::Response<B>> for TrackBody<C>
+where
+    B: Body + Send + 'static,
+    C: ClassifyResponse + Clone + Send + Sync + 'static,
+    C::ClassifyEos: Send + 'static,
+{
+    type Output = http::Response<TrackedBody<B, C::ClassifyEos>>;
 
     fn track(&self, guard: InFlightGuard, response: http::Response<B>) -> Self::Output {
+        let pending = match self.classifier.clone().classify_response(&response) {
+            ClassifiedResponse::Ready(Ok(())) => {
+                guard.record_success();
+                None
+            }
+            ClassifiedResponse::Ready(Err(_)) => {
+                guard.record_failure();
+                None
+            }
+            ClassifiedResponse::RequiresEos(eos) => Some(eos),
+        };
         let until = self.until;
         response.map(|inner| {
-            let tracked = until != BodyCompletion::Head && !inner.is_end_stream();
-            let guard = tracked.then_some(guard);
+            let (guard, outcome, eos) = if inner.is_end_stream() {
+                // Nothing will come: judge it now, without trailers, and end the request.
+                if let Some(eos) = pending {
+                    record(Some(&guard), None, eos.classify_eos(None).is_err());
+                }
+                (None, None, None)
+            } else if until == BodyCompletion::Head {
+                // In flight no longer; judged at the end if the classifier waits for it.
+                let outcome = pending.is_some().then(|| guard.into_outcome());
+                (None, outcome, pending)
+            } else {
+                (Some(guard), None, pending)
+            };
             TrackedBody {
                 inner,
                 guard,
+                outcome,
+                eos,
                 until,
             }
         })
@@ -99,17 +137,23 @@ where
 }
 
 pin_project! {
-    /// A response body that holds its request's [`InFlightGuard`]; see [`TrackBody`].
+    /// A response body that holds its request's [`InFlightGuard`] and the judgement still to
+    /// come; see [`TrackBody`].
     #[derive(Debug)]
-    pub struct TrackedBody<B> {
+    pub struct TrackedBody<B, E = ServerFailuresEos> {
         #[pin]
         inner: B,
         guard: Option<InFlightGuard>,
+        // The request's outcome, once it no longer counts as in flight but is still to be
+        // judged.
+        outcome: Option<Outcome>,
+        // The classifier that judges the end of the stream, until it has.
+        eos: Option<E>,
         until: BodyCompletion,
     }
 }
 
-impl<B> TrackedBody<B> {
+impl<B, E> TrackedBody<B, E> {
     /// Whether the body still holds its request in flight.
     pub fn is_tracking(&self) -> bool {
         self.guard.is_some()
@@ -121,7 +165,17 @@ impl<B> TrackedBody<B> {
     }
 }
 
-impl<B: Body> Body for TrackedBody<B> {
+fn record(guard: Option<&InFlightGuard>, outcome: Option<Outcome>, failed: bool) {
+    match (guard, outcome, failed) {
+        (Some(guard), _, true) => guard.record_failure(),
+        (Some(guard), _, false) => guard.record_success(),
+        (None, Some(outcome), true) => outcome.record_failure(),
+        (None, Some(outcome), false) => outcome.record_success(),
+        (None, None, _) => {}
+    }
+}
+
+impl<B: Body, E: ClassifyEos> Body for TrackedBody<B, E> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -131,20 +185,35 @@ impl<B: Body> Body for TrackedBody<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        let mut body = Parts {
+            guard: this.guard,
+            outcome: this.outcome,
+            eos: this.eos,
+        };
         match &frame {
             Some(Ok(frame)) => {
-                let first_data = *this.until == BodyCompletion::FirstData && frame.is_data();
-                if first_data || this.inner.is_end_stream() {
-                    this.guard.take();
+                if let Some(trailers) = frame.trailers_ref() {
+                    body.judge(Some(trailers));
+                }
+                if this.inner.is_end_stream() {
+                    body.judge(None);
+                    body.guard.take();
+                } else if *this.until == BodyCompletion::FirstData && frame.is_data() {
+                    // In flight no longer; judged at the end if the classifier waits for it.
+                    if let Some(guard) = body.guard.take() {
+                        if body.eos.is_some() {
+                            *body.outcome = Some(guard.into_outcome());
+                        }
+                    }
                 }
             }
             Some(Err(_)) => {
-                if let Some(guard) = this.guard.take() {
-                    guard.record_failure();
-                }
+                body.failed();
+                body.guard.take();
             }
             None => {
-                this.guard.take();
+                body.judge(None);
+                body.guard.take();
             }
         }
         Poll::Ready(frame)
@@ -156,5 +225,27 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The projected fields of a [`TrackedBody`] that judge it.
+struct Parts<'a, E> {
+    guard: &'a mut Option<InFlightGuard>,
+    outcome: &'a mut Option<Outcome>,
+    eos: &'a mut Option<E>,
+}
+
+impl<E: ClassifyEos> Parts<'_, E> {
+    fn judge(&mut self, trailers: Option<&HeaderMap>) {
+        let Some(eos) = self.eos.take() else {
+            return;
+        };
+        let failed = eos.classify_eos(trailers).is_err();
+        record(self.guard.as_ref(), self.outcome.take(), failed);
+    }
+
+    fn failed(&mut self) {
+        *self.eos = None;
+        record(self.guard.as_ref(), self.outcome.take(), true);
     }
 }

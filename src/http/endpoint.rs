@@ -69,6 +69,20 @@ impl<B, C: Clone> HttpEndpoint<B, C> {
             .authority()
             .cloned()
             .ok_or_else(|| ConfigError::new("endpoint uri", format!("{uri:?} has no host")))?;
+        // `http` parses any digits (or none) after the colon; a port must be a number a socket
+        // can use.
+        if let Some((_, port)) = authority
+            .as_str()
+            .rsplit_once(':')
+            .filter(|_| !authority.as_str().ends_with(']'))
+        {
+            if !matches!(port.parse::<u16>(), Ok(port) if port > 0) {
+                return Err(ConfigError::new(
+                    "endpoint uri",
+                    format!("{uri:?}: the port {port:?} is not a number from 1 to 65535"),
+                ));
+            }
+        }
         if parsed.path_and_query().is_some_and(|p| p.as_str() != "/") {
             return Err(ConfigError::new(
                 "endpoint uri",

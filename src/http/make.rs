@@ -37,7 +37,7 @@ use crate::weight::Weighted;
 /// let endpoints = connect(client, discover::fixed(addrs.map(|a| (a, a))));
 /// # let _ = endpoints;
 /// ```
-pub fn connect<D, C, B>(client: Client<C, B>, addresses: D) -> discover::Connect<D, Client<C, B>> {
+pub fn connect<D, B, C>(client: Client<C, B>, addresses: D) -> discover::Connect<D, Client<C, B>> {
     discover::connect(addresses, client)
 }
 

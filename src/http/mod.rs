@@ -40,13 +40,19 @@
 //! ```
 
 mod body;
+mod caller;
 mod endpoint;
+mod failures;
 mod key;
 mod make;
 mod probe;
 
 pub use body::{BodyCompletion, TrackBody, TrackedBody};
+pub use caller::CallerBody;
 pub use endpoint::HttpEndpoint;
+pub use failures::{ServerFailure, ServerFailures, ServerFailuresEos};
 pub use key::{ClientIp, CookieKey, HeaderKey, PathKey, PeerAddr};
 pub use make::{connect, ConnectTo, MakeHttpEndpoint};
 pub use probe::HttpProbe;
+/// tower-http's classification traits and classifiers, for [`TrackBody::classify_with`].
+pub use tower_http::classify;

@@ -49,6 +49,7 @@
 //! }
 //! ```
 
+mod alias;
 mod consistent_hash;
 mod least_connections;
 mod p2c;

@@ -3,8 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::alias::AliasTable;
 use super::{Endpoint, Endpoints, PickContext, Picker, Strategy};
 use crate::error::ConfigError;
+use crate::util::rng::split;
 
 /// Draws two distinct endpoints at random and sends the request to the less loaded one.
 ///
@@ -261,49 +263,16 @@ enum Sampler {
     /// All weights equal.
     Uniform,
     Weighted {
-        alias: Box<[AliasEntry]>,
+        alias: AliasTable,
         /// Per endpoint, `w_min / w`: multiplying the in-flight count by it and rounding down
         /// gives the in-flight count per copy of the lightest endpoint.
         per_copy: Box<[f64]>,
     },
 }
 
-/// One bucket of Vose's alias table: the bucket's own endpoint if the draw's second half is
-/// below `keep_below`, else `alias`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct AliasEntry {
-    keep_below: u64,
-    alias: u32,
-}
-
 impl Sampler {
-    /// Vose's alias method in integers, so the table is exact up to the 2^-64 resolution of
-    /// the draw: each endpoint brings `w × n` units into `n` buckets of `W = Σw` units each.
+    /// Draws in proportion to `weights`.
     fn weighted(weights: &[u32]) -> Self {
-        let n = weights.len();
-        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
-        let mut mass: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n as u64).collect();
-        let mut alias: Vec<AliasEntry> = (0..n)
-            .map(|i| AliasEntry {
-                keep_below: u64::MAX,
-                alias: i as u32,
-            })
-            .collect();
-        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
-            (0..n).partition(|&i| mass[i] < total);
-        while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
-            small.pop();
-            alias[s] = AliasEntry {
-                keep_below: ((u128::from(mass[s]) << 64) / u128::from(total)) as u64,
-                alias: l as u32,
-            };
-            mass[l] -= total - mass[s];
-            if mass[l] < total {
-                large.pop();
-                small.push(l);
-            }
-        }
-        // What is left (in either list) fills its bucket alone, up to rounding.
         let min = weights.iter().copied().min().unwrap_or(1);
         // The factor absorbs float rounding, so that an exact whole number of requests per
         // copy (3 in flight at weight 3 × w_min) is not rounded down to one less.
@@ -312,18 +281,10 @@ impl Sampler {
             .map(|&w| f64::from(min) / f64::from(w) * (1.0 + 1e-12))
             .collect();
         Sampler::Weighted {
-            alias: alias.into_boxed_slice(),
+            alias: AliasTable::new(weights),
             per_copy,
         }
     }
-}
-
-/// Splits a uniform `r` into a uniform index below `n` and a uniform remainder: the high and
-/// low halves of `r × n` (Lemire's multiply-shift).
-#[inline]
-fn split(r: u64, n: usize) -> (usize, u64) {
-    let product = u128::from(r) * n as u128;
-    ((product >> 64) as usize, product as u64)
 }
 
 impl PowerOfTwoChoicesPicker {
@@ -333,13 +294,7 @@ impl PowerOfTwoChoicesPicker {
     pub(crate) fn sample(&self, n: usize, cx: &mut PickContext<'_>) -> (usize, usize) {
         match &self.sampler {
             Sampler::Weighted { alias, .. } if alias.len() == n => {
-                let draw = |cx: &mut PickContext<'_>| {
-                    let (bucket, coin) = split(cx.random(), n);
-                    let entry = alias[bucket];
-                    // A coin flip the branch predictor cannot learn: select without a branch.
-                    let keep = 0usize.wrapping_sub(usize::from(coin < entry.keep_below));
-                    (bucket & keep) | (entry.alias as usize & !keep)
-                };
+                let draw = |cx: &mut PickContext<'_>| alias.draw(cx.random());
                 let first = draw(cx);
                 if n == 2 {
                     return (first, 1 - first);
@@ -524,18 +479,6 @@ mod tests {
         counts_at(picker, handles, n, 0)
     }
 
-    /// The probability with which the alias table draws each endpoint.
-    fn alias_probabilities(alias: &[AliasEntry]) -> Vec<f64> {
-        let n = alias.len() as f64;
-        let mut p = vec![0.0; alias.len()];
-        for (bucket, entry) in alias.iter().enumerate() {
-            let keep = entry.keep_below as f64 / 2f64.powi(64);
-            p[bucket] += keep / n;
-            p[entry.alias as usize] += (1.0 - keep) / n;
-        }
-        p
-    }
-
     fn weights() -> impl proptest::strategy::Strategy<Value = Vec<u32>> {
         prop_oneof![
             (2usize..70).prop_map(|n| vec![1; n]),
@@ -586,17 +529,6 @@ mod tests {
             prop_assert_eq!(chosen[busiest], 0, "{:?}", chosen);
         }
 
-        /// The alias table draws each endpoint with probability weight / total weight.
-        #[test]
-        fn the_alias_table_is_exact(weights in weights()) {
-            let Sampler::Weighted { alias, .. } = Sampler::weighted(&weights) else {
-                unreachable!("Sampler::weighted builds a table");
-            };
-            let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-            for (p, &w) in alias_probabilities(&alias).iter().zip(&weights) {
-                prop_assert!((p - f64::from(w) / total).abs() < 1e-9, "{} vs {}", p, f64::from(w) / total);
-            }
-        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::alias::AliasTable;
 use super::{Endpoints, PickContext, Picker, Strategy};
 
 /// Sends each request to a random endpoint: uniformly ([`Random::new`]) or in proportion to
@@ -48,70 +49,6 @@ pub struct RandomPicker {
     alias: Option<AliasTable>,
 }
 
-/// Walker's alias table: draw a column uniformly, then keep it with probability
-/// `keep / total`, else take its alias.
-struct AliasTable {
-    columns: Box<[Column]>,
-    /// The sum of the weights: each column holds this much probability mass, scaled by `n`.
-    total: u64,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Column {
-    /// Mass of this column's own endpoint, out of `total`.
-    keep: u64,
-    /// The endpoint that takes the rest of the column.
-    alias: u32,
-}
-
-impl AliasTable {
-    /// Vose's method on integers: endpoint `i` has mass `weight_i · n` out of `n · total`,
-    /// split into `n` columns of `total` each.
-    fn new(weights: &[u32]) -> Self {
-        let n = weights.len() as u64;
-        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
-        let mut mass: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n).collect();
-        let mut columns: Box<[Column]> = (0..weights.len())
-            .map(|i| Column {
-                keep: total,
-                alias: i as u32,
-            })
-            .collect();
-        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
-            (0..weights.len()).partition(|&i| mass[i] < total);
-        while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
-            small.pop();
-            // Column `s` keeps its own mass and is topped up from `l`.
-            columns[s] = Column {
-                keep: mass[s],
-                alias: l as u32,
-            };
-            mass[l] -= total - mass[s];
-            if mass[l] < total {
-                large.pop();
-                small.push(l);
-            }
-        }
-        // What is left is exactly full: the unassigned mass always equals `total` per
-        // unassigned column, and integer arithmetic loses nothing, so no column is short.
-        debug_assert!(small.is_empty() && large.iter().all(|&l| mass[l] == total));
-        Self { columns, total }
-    }
-
-    #[inline]
-    fn pick(&self, cx: &mut PickContext<'_>) -> usize {
-        // One random number serves twice: its multiply-shift by `n` picks the column, and the
-        // low half of that product (uniform but for a bias below n/2^64) the coin.
-        let spread = u128::from(cx.random()) * self.columns.len() as u128;
-        let column = (spread >> 64) as usize;
-        let Column { keep, alias } = self.columns[column];
-        let coin = ((u128::from(spread as u64) * u128::from(self.total)) >> 64) as u64;
-        // Branch-free select: the coin is random, so a branch would mispredict half the time.
-        let use_alias = usize::from(coin >= keep).wrapping_neg();
-        column ^ ((column ^ alias as usize) & use_alias)
-    }
-}
-
 impl Strategy for Random {
     type Picker = RandomPicker;
 
@@ -130,7 +67,7 @@ impl Picker for RandomPicker {
     #[inline]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         match &self.alias {
-            Some(table) => Some(table.pick(cx)),
+            Some(table) => Some(table.draw(cx.random())),
             None => Some(cx.random_below(endpoints.len())),
         }
     }
@@ -148,7 +85,6 @@ impl fmt::Debug for RandomPicker {
 mod tests {
     use super::*;
     use crate::strategy::test_util::{endpoints, picks};
-    use proptest::prelude::{prop, prop_assert, prop_assert_eq, proptest};
 
     fn counts(strategy: Random, weights: &[u32], n: usize) -> Vec<usize> {
         let handles = endpoints(weights);
@@ -158,16 +94,6 @@ mod tests {
             counts[i] += 1;
         }
         counts
-    }
-
-    /// Each endpoint's share of the alias table's mass, in units of 1/(n·total).
-    fn masses(table: &AliasTable) -> Vec<u64> {
-        let mut mass = vec![0; table.columns.len()];
-        for (i, column) in table.columns.iter().enumerate() {
-            mass[i] += column.keep;
-            mass[column.alias as usize] += table.total - column.keep;
-        }
-        mass
     }
 
     #[test]
@@ -207,26 +133,9 @@ mod tests {
     fn both_halves_of_a_column_are_used() {
         // 1:2 → columns {0 keeps 2/3, alias 1} and {1 full}: endpoint 0 only from its keep.
         let table = AliasTable::new(&[1, 2]);
-        assert_eq!(masses(&table), vec![2, 4]);
+        let p = table.probabilities();
+        assert!((p[0] - 1.0 / 3.0).abs() < 1e-12 && (p[1] - 2.0 / 3.0).abs() < 1e-12);
         let seen = counts(Random::weighted(), &[1, 2], 30_000);
         assert!((9_400..=10_600).contains(&seen[0]), "{seen:?}");
-    }
-
-    proptest! {
-        #[test]
-        fn alias_table_probabilities_are_exactly_weight_over_total(
-            weights in prop::collection::vec(1u32..=1_000_000, 1..200),
-        ) {
-            let table = AliasTable::new(&weights);
-            let n = weights.len() as u64;
-            prop_assert_eq!(table.total, weights.iter().map(|&w| u64::from(w)).sum::<u64>());
-            prop_assert_eq!(table.columns.len(), weights.len());
-            for column in table.columns.iter() {
-                prop_assert!(column.keep <= table.total);
-                prop_assert!((column.alias as usize) < weights.len());
-            }
-            let expected: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n).collect();
-            prop_assert_eq!(masses(&table), expected);
-        }
     }
 }

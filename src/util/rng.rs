@@ -33,11 +33,19 @@ impl FastRng {
         (t >> 64) as u64 ^ t as u64
     }
 
-    /// A uniform number in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for the
-    /// table sizes a balancer sees). `n` must not be zero.
+    /// A uniform number in `0..n` (see [`split`]). `n` must not be zero.
     pub(crate) fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+        split(self.next_u64(), n).0
     }
+}
+
+/// Splits a uniform `r` into a uniform index below `n` and a uniform remainder: the high and
+/// low halves of `r × n` (Lemire's multiply-shift; the bias is below `n / 2^64`, negligible for
+/// the sizes a balancer sees).
+#[inline]
+pub(crate) fn split(r: u64, n: usize) -> (usize, u64) {
+    let product = u128::from(r) * n as u128;
+    ((product >> 64) as usize, product as u64)
 }
 
 #[cfg(test)]

@@ -147,6 +147,80 @@ async fn a_server_stream_dropped_unread_releases_its_call() {
     .await;
 }
 
+#[tokio::test]
+async fn a_server_that_starts_answering_unavailable_is_ejected_and_its_calls_move() {
+    within_limit(async {
+        let servers = three_servers().await;
+        let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+        let (mut client, balance) = balanced_client(&addrs).unwrap();
+        for i in 0..6 {
+            client
+                .unary_echo(request(&format!("warm {i}"), 0))
+                .await
+                .unwrap();
+        }
+
+        let failing = &servers[1];
+        failing.fail(true);
+        let before = failing.calls();
+        let mut failed = 0;
+        for i in 0..60 {
+            match client.unary_echo(request(&format!("call {i}"), 0)).await {
+                Ok(reply) => assert_ne!(reply.into_inner().server, failing.addr.to_string()),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::Unavailable);
+                    failed += 1;
+                }
+            }
+        }
+
+        let stats = balance.stats();
+        let endpoint = stats.get(&failing.addr).unwrap();
+        assert_eq!(
+            endpoint.status,
+            tower_lb::EndpointStatus::Ejected,
+            "three UNAVAILABLE in a row eject it: {endpoint:?}"
+        );
+        assert_eq!(failed, 3, "only the calls before the ejection failed");
+        assert_eq!(failing.calls() - before, 3, "nothing reached it after that");
+        assert_eq!(
+            endpoint.failures, 3,
+            "each UNAVAILABLE counted, though HTTP said 200"
+        );
+        for healthy in [&servers[0], &servers[2]] {
+            assert_eq!(stats.get(&healthy.addr).unwrap().failures, 0);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_with_a_failing_status_counts_when_it_ends() {
+    within_limit(async {
+        let server = start_server().await.unwrap();
+        let (mut client, balance) = balanced_client(&[server.addr]).unwrap();
+        server.fail(true);
+
+        let mut stream = client
+            .server_streaming_echo(request("stream", 3))
+            .await
+            .expect("the stream starts: its headers say nothing of the outcome")
+            .into_inner();
+        stream.message().await.unwrap().expect("a first reply");
+        assert_eq!(
+            balance.stats().get(&server.addr).unwrap().failures,
+            0,
+            "not judged before the stream ends"
+        );
+        let status = stream.message().await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let endpoint = balance.stats().get(&server.addr).unwrap().clone();
+        assert_eq!(endpoint.failures, 1, "the trailers' UNAVAILABLE counted");
+        assert_eq!(endpoint.in_flight, 0);
+    })
+    .await;
+}
+
 /// The balancer over tonic `Channel`s, and the generated client over it, are `Send + Sync`:
 /// they fit an axum `State`, an `Arc` or a `BoxCloneSyncService` as they are.
 #[test]

@@ -42,8 +42,8 @@ const SOURCE_BUDGET: usize = 256;
 ///     (addr, service_fn(move |_: ()| async move { Ok::<_, std::convert::Infallible>(addr) }))
 /// }));
 /// let checked = HealthCheckBuilder::new()
-///     .interval(Duration::from_secs(5))?
-///     .build(candidates, TcpProbe::new());
+///     .interval(Duration::from_secs(5))
+///     .build(candidates, TcpProbe::new())?;
 /// let health = checked.status();
 /// let balance = BalanceLayer::new(RoundRobin::new())
 ///     .wait_for_endpoints(Duration::from_secs(1))?
@@ -132,7 +132,8 @@ where
     /// Health-checks the candidate endpoints of `source` with `probe`, with the default
     /// settings (see [`HealthCheckBuilder`]).
     pub fn new(source: D, probe: P) -> Self {
-        HealthCheckBuilder::new().build(source, probe)
+        // The defaults are valid.
+        Self::from_parts(source, probe, HealthCheckBuilder::new())
     }
 
     pub(super) fn from_parts(source: D, probe: P, config: HealthCheckBuilder) -> Self {

@@ -76,13 +76,14 @@ impl InitialHealth {
 /// # fn main() -> Result<(), ConfigError> {
 /// let addr: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
 /// let checked = HealthCheckBuilder::new()
-///     .interval(Duration::from_secs(5))?
-///     .timeout(Duration::from_millis(500))?
-///     .rise(3)?
+///     .interval(Duration::from_secs(5))
+///     .timeout(Duration::from_millis(500))
+///     .rise(3)
 ///     .initial_health(InitialHealth::FullyUnhealthy)
-///     .build(discover::fixed([(addr, ())]), TcpProbe::new());
+///     .build(discover::fixed([(addr, ())]), TcpProbe::new())?;
 /// # let _ = checked;
-/// assert!(HealthCheckBuilder::new().fall(0).is_err());
+/// let bad = HealthCheckBuilder::new().fall(0).build(discover::fixed([(addr, ())]), TcpProbe::new());
+/// assert_eq!(bad.unwrap_err().setting(), "fall");
 /// # Ok(())
 /// # }
 /// ```
@@ -118,42 +119,36 @@ impl HealthCheckBuilder {
     }
 
     /// Time from the end of one probe of an endpoint to the start of the next (before
-    /// jitter). Zero and more than a day are rejected.
-    pub fn interval(mut self, interval: Duration) -> Result<Self, ConfigError> {
-        self.interval = period("interval", interval)?;
-        Ok(self)
+    /// jitter). Zero and more than a day are rejected by [`build`](Self::build).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
     }
 
     /// Spreads each interval uniformly over `interval × (1 ± jitter)`; `0.0` probes on a fixed
     /// period. Must be within `0.0..=0.5`.
-    pub fn jitter(mut self, jitter: f64) -> Result<Self, ConfigError> {
-        if !(0.0..=MAX_JITTER).contains(&jitter) {
-            return Err(ConfigError::new(
-                "jitter",
-                format!("{jitter} is not a fraction within 0.0..=0.5"),
-            ));
-        }
+    pub fn jitter(mut self, jitter: f64) -> Self {
         self.jitter = jitter;
-        Ok(self)
+        self
     }
 
     /// How long a probe may take; a slower probe is a failure and is cancelled. Zero and more
     /// than a day are rejected.
-    pub fn timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        self.timeout = period("timeout", timeout)?;
-        Ok(self)
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
-    /// Consecutive successful probes that make an unhealthy endpoint healthy (at least 1).
-    pub fn rise(mut self, rise: u32) -> Result<Self, ConfigError> {
-        self.rise = threshold("rise", rise)?;
-        Ok(self)
+    /// Consecutive successful probes that make an unhealthy endpoint healthy: 1 to 10,000.
+    pub fn rise(mut self, rise: u32) -> Self {
+        self.rise = rise;
+        self
     }
 
-    /// Consecutive failed probes that make a healthy endpoint unhealthy (at least 1).
-    pub fn fall(mut self, fall: u32) -> Result<Self, ConfigError> {
-        self.fall = threshold("fall", fall)?;
-        Ok(self)
+    /// Consecutive failed probes that make a healthy endpoint unhealthy: 1 to 10,000.
+    pub fn fall(mut self, fall: u32) -> Self {
+        self.fall = fall;
+        self
     }
 
     /// What is assumed about an endpoint before probes have spoken.
@@ -162,28 +157,53 @@ impl HealthCheckBuilder {
         self
     }
 
-    /// How many probes may be in flight at once, over all endpoints (at least 1). Endpoints
+    /// How many probes may be in flight at once, over all endpoints: 1 to 65,536. Endpoints
     /// due for a probe while the limit is reached are probed in turn as slots free up.
-    pub fn max_concurrent_probes(mut self, max: usize) -> Result<Self, ConfigError> {
-        if max == 0 {
-            return Err(ConfigError::new(
-                "max_concurrent_probes",
-                "0 would never probe; use at least 1",
-            ));
-        }
+    pub fn max_concurrent_probes(mut self, max: usize) -> Self {
         self.max_concurrent_probes = max;
-        Ok(self)
+        self
     }
 
-    /// Health-checks the candidate endpoints of `source` with `probe`.
-    pub fn build<D, P>(self, source: D, probe: P) -> HealthCheck<D, P>
+    /// Health-checks the candidate endpoints of `source` with `probe`. Every setting is
+    /// checked here, and the first one out of range is named in the error.
+    pub fn build<D, P>(self, source: D, probe: P) -> Result<HealthCheck<D, P>, ConfigError>
     where
         D: Discover,
         P: Probe<D::Key, D::Service>,
     {
-        HealthCheck::from_parts(source, probe, self)
+        self.validate()?;
+        Ok(HealthCheck::from_parts(source, probe, self))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        period("interval", self.interval)?;
+        if !(0.0..=MAX_JITTER).contains(&self.jitter) {
+            return Err(ConfigError::new(
+                "jitter",
+                format!("{} is not a fraction within 0.0..=0.5", self.jitter),
+            ));
+        }
+        period("timeout", self.timeout)?;
+        threshold("rise", self.rise)?;
+        threshold("fall", self.fall)?;
+        if !(1..=MAX_CONCURRENT_PROBES).contains(&self.max_concurrent_probes) {
+            return Err(ConfigError::new(
+                "max_concurrent_probes",
+                format!(
+                    "{} is not between 1 and {MAX_CONCURRENT_PROBES}",
+                    self.max_concurrent_probes
+                ),
+            ));
+        }
+        Ok(())
     }
 }
+
+/// The most consecutive probes a threshold may ask for: at the default interval, 10,000 probes
+/// take more than five hours; a larger number is no threshold at all.
+const MAX_THRESHOLD: u32 = 10_000;
+/// The most probes in flight at once: more would be a denial of service on the endpoints.
+const MAX_CONCURRENT_PROBES: usize = 65_536;
 
 fn period(setting: &'static str, value: Duration) -> Result<Duration, ConfigError> {
     if value.is_zero() {
@@ -205,6 +225,12 @@ fn threshold(setting: &'static str, value: u32) -> Result<u32, ConfigError> {
             "0 consecutive probes can never be counted; use at least 1",
         ));
     }
+    if value > MAX_THRESHOLD {
+        return Err(ConfigError::new(
+            setting,
+            format!("{value} is above the maximum of {MAX_THRESHOLD} consecutive probes"),
+        ));
+    }
     Ok(value)
 }
 
@@ -222,31 +248,44 @@ mod tests {
     }
 
     #[test]
-    fn bad_values_are_rejected_with_the_setting_named() {
+    fn bad_values_are_rejected_at_build_with_the_setting_named() {
         let config = HealthCheckBuilder::new();
         let cases = [
-            config.interval(Duration::ZERO).unwrap_err(),
-            config.interval(Duration::from_secs(90_000)).unwrap_err(),
-            config.timeout(Duration::ZERO).unwrap_err(),
-            config.rise(0).unwrap_err(),
-            config.fall(0).unwrap_err(),
-            config.jitter(-0.1).unwrap_err(),
-            config.jitter(0.6).unwrap_err(),
-            config.jitter(f64::NAN).unwrap_err(),
-            config.max_concurrent_probes(0).unwrap_err(),
+            config.interval(Duration::ZERO),
+            config.interval(Duration::from_secs(90_000)),
+            config.interval(Duration::MAX),
+            config.timeout(Duration::ZERO),
+            config.timeout(Duration::MAX),
+            config.rise(0),
+            config.rise(u32::MAX),
+            config.fall(0),
+            config.fall(u32::MAX),
+            config.jitter(-0.1),
+            config.jitter(0.6),
+            config.jitter(f64::NAN),
+            config.max_concurrent_probes(0),
+            config.max_concurrent_probes(usize::MAX),
         ];
-        let settings: Vec<_> = cases.iter().map(ConfigError::setting).collect();
+        let settings: Vec<_> = cases
+            .iter()
+            .map(|c| c.validate().unwrap_err().setting())
+            .collect();
         assert_eq!(
             settings,
             [
                 "interval",
                 "interval",
+                "interval",
+                "timeout",
                 "timeout",
                 "rise",
+                "rise",
+                "fall",
                 "fall",
                 "jitter",
                 "jitter",
                 "jitter",
+                "max_concurrent_probes",
                 "max_concurrent_probes"
             ]
         );
@@ -256,16 +295,16 @@ mod tests {
     fn good_values_are_kept() {
         let config = HealthCheckBuilder::new()
             .interval(Duration::from_millis(10))
-            .and_then(|c| c.jitter(0.0))
-            .and_then(|c| c.timeout(Duration::from_secs(30)))
-            .and_then(|c| c.rise(1))
-            .and_then(|c| c.fall(1))
-            .and_then(|c| c.max_concurrent_probes(1))
-            .unwrap();
+            .jitter(0.0)
+            .timeout(Duration::from_secs(30))
+            .rise(1)
+            .fall(10_000)
+            .max_concurrent_probes(1);
+        config.validate().unwrap();
         assert_eq!(config.interval, Duration::from_millis(10));
         assert_eq!(config.jitter, 0.0);
         assert_eq!(config.timeout, Duration::from_secs(30));
-        assert_eq!((config.rise, config.fall), (1, 1));
+        assert_eq!((config.rise, config.fall), (1, 10_000));
         assert_eq!(config.max_concurrent_probes, 1);
     }
 }

@@ -94,7 +94,7 @@ impl Maglev {
         if size == 0 {
             return None;
         }
-        Some(((u128::from(hash) * size as u128) >> 64) as usize)
+        Some(crate::util::rng::split(hash, size).0)
     }
 
     /// The endpoint owning a key hash.

@@ -20,6 +20,9 @@ fn index_of(watch: &Watch) -> Option<Arc<LoadIndex>> {
     Arc::clone(&watch.sink).as_any().downcast().ok()
 }
 
+/// The largest accepted error penalty.
+const MAX_ERROR_PENALTY: u32 = 1_000_000;
+
 /// Up to this many endpoints a pick reads them all: that is as fast as the index (reading
 /// an endpoint costs about a quarter of an index search), and the endpoints need not report
 /// their load.
@@ -149,10 +152,17 @@ impl LeastConnections {
     }
 
     /// How many requests in flight each recent failure in a row counts as (default 1); 0 ignores
-    /// failures.
-    pub fn error_penalty(mut self, penalty: u32) -> Self {
+    /// failures. At most 1,000,000: beyond that every failing endpoint is already the last
+    /// choice.
+    pub fn error_penalty(mut self, penalty: u32) -> Result<Self, ConfigError> {
+        if penalty > MAX_ERROR_PENALTY {
+            return Err(ConfigError::new(
+                "error_penalty",
+                format!("{penalty} is above the maximum of {MAX_ERROR_PENALTY}"),
+            ));
+        }
         self.error_penalty = penalty;
-        self
+        Ok(self)
     }
 
     /// How long failures count against an endpoint after a pick first notices the latest one
@@ -823,7 +833,7 @@ mod tests {
         for n in SIZES {
             let handles = endpoints(&vec![1; n]);
             let picker = build(&LeastConnections::new(), &handles);
-            let lenient = build(&LeastConnections::new().error_penalty(0), &handles);
+            let lenient = build(&LeastConnections::new().error_penalty(0).unwrap(), &handles);
             fail(&handles[0], 2);
             // Load 0 + 1 + 2 against 1.
             assert!(!picks(&picker, &handles, 3 * n).contains(&0));
@@ -845,7 +855,7 @@ mod tests {
     fn a_larger_penalty_keeps_a_failing_endpoint_out_longer() {
         for n in SIZES {
             let handles = endpoints(&vec![1; n]);
-            let picker = build(&LeastConnections::new().error_penalty(5), &handles);
+            let picker = build(&LeastConnections::new().error_penalty(5).unwrap(), &handles);
             fail(&handles[0], 1);
             let mut counts = vec![4; n];
             counts[0] = 0;
@@ -1035,7 +1045,7 @@ mod tests {
             } else {
                 LeastConnections::new()
             };
-            let strategy = strategy.error_penalty(penalty);
+            let strategy = strategy.error_penalty(penalty).unwrap();
             let early = build_first.then(|| build(&strategy, &handles));
             for (handle, &(_, _, failing)) in handles.iter().zip(&table) {
                 fail(handle, failing);
