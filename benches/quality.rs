@@ -79,7 +79,7 @@ const REFERENCES: &[&str] = &[
 ];
 /// The recommended default checked against the targets, unless `QUALITY_DEFAULT` says.
 const DEFAULT: &str = "p2c-peak-ewma";
-/// Whose fail-fast errors the default must at least halve.
+/// Whose fail-fast errors the default must cut to a tenth or less.
 const BASELINE: &str = "round-robin";
 
 /// How much to simulate.
