@@ -28,8 +28,8 @@ use tower_lb::discover::Target;
 use tower_lb::health::{HealthCheckBuilder, HealthStatus, OutlierDetection};
 use tower_lb::http::{ClientIp, CookieKey, HeaderKey, HttpEndpoint, HttpProbe, PathKey, TrackBody};
 use tower_lb::key::{KeyHasher, Keyed, RequestKey};
-use tower_lb::strategy::{ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices};
-use tower_lb::strategy::{Random, RoundRobin, Swappable, WeightedRoundRobin};
+use tower_lb::strategy::{ConsistentHash, KeyFallback, LeastConnections, LeastTime};
+use tower_lb::strategy::{PowerOfTwoChoices, Random, RoundRobin, Swappable, WeightedRoundRobin};
 use tower_lb::weight::{Weight, Weighted};
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
 
@@ -251,6 +251,10 @@ pub(crate) const STRATEGIES: &[(&str, &str)] = &[
         "p2c-peak-ewma",
         "the faster of two random backends (PeakEWMA)",
     ),
+    (
+        "least-time",
+        "the fewest requests in flight per weight, avoiding slow backends",
+    ),
     ("hash-KEY", "the same KEY to the same backend (hash ring)"),
     ("nginx-hash-KEY", "as nginx's `hash KEY consistent`"),
     (
@@ -277,6 +281,7 @@ enum Algorithm {
     WeightedRandom,
     PowerOfTwoChoices,
     PeakEwma,
+    LeastTime,
     ConsistentHash(ConsistentHash),
 }
 
@@ -292,6 +297,7 @@ impl StrategySpec {
             "weighted-random" => Algorithm::WeightedRandom,
             "p2c" => Algorithm::PowerOfTwoChoices,
             "p2c-peak-ewma" => Algorithm::PeakEwma,
+            "least-time" => Algorithm::LeastTime,
             _ => return Self::parse_hash(name),
         };
         Ok(Self {
@@ -349,6 +355,7 @@ impl StrategySpec {
             Algorithm::WeightedRandom => Swappable::new(Random::weighted()),
             Algorithm::PowerOfTwoChoices => Swappable::new(PowerOfTwoChoices::new()),
             Algorithm::PeakEwma => Swappable::new(PowerOfTwoChoices::peak_ewma()),
+            Algorithm::LeastTime => Swappable::new(LeastTime::new()),
             Algorithm::ConsistentHash(hash) => Swappable::new(hash.clone()),
         }
     }
