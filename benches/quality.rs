@@ -54,6 +54,7 @@ fn contenders() -> Vec<(&'static str, MakeBalancer)> {
             "least-conn-weighted",
             ours(tower_lb::strategy::LeastConnections::weighted()),
         ),
+        ("least-time", ours(tower_lb::strategy::LeastTime::new())),
         ("p2c", ours(tower_lb::strategy::PowerOfTwoChoices::new())),
         (
             "p2c-peak-ewma",
@@ -78,8 +79,8 @@ const REFERENCES: &[&str] = &[
     "least-conn-weighted",
 ];
 /// The recommended default checked against the targets, unless `QUALITY_DEFAULT` says.
-const DEFAULT: &str = "p2c-peak-ewma";
-/// Whose fail-fast errors the default must at least halve.
+const DEFAULT: &str = "least-time";
+/// Whose fail-fast errors the default must cut to a tenth or less.
 const BASELINE: &str = "round-robin";
 
 /// How much to simulate.

@@ -26,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
 use tower::{BoxError, Layer, Service, ServiceExt};
-use tower_lb::strategy::{BoxStrategy, PowerOfTwoChoices};
+use tower_lb::strategy::{BoxStrategy, LeastTime, PowerOfTwoChoices};
 use tower_lb::{
     discover,
     key::key_fn,
@@ -102,7 +102,12 @@ fn strategies() -> Vec<(&'static str, BoxStrategy, &'static str)> {
         (
             "p2c-peak-ewma",
             BoxStrategy::new(PowerOfTwoChoices::peak_ewma()),
-            "2 choices, latency (default)",
+            "2 choices, latency",
+        ),
+        (
+            "least-time",
+            BoxStrategy::new(LeastTime::new()),
+            "least conn., latency (default)",
         ),
         (
             "maglev",

@@ -47,22 +47,24 @@
 //! |---|---|---|---|
 //! | [`RoundRobin`](crate::strategy::RoundRobin) | each endpoint in turn | `poll_ready` | O(1) |
 //! | [`WeightedRoundRobin`](crate::strategy::WeightedRoundRobin) | smooth weighted rotation (3:1:1 → `a b a c a`), exact shares per cycle | `poll_ready` | O(1) (precomputed cycle ≤ 2^18), else O(log n) per clone |
-//! | [`LeastConnections`](crate::strategy::LeastConnections) | fewest in flight (weighted: `(in_flight + 1) / weight`), ties rotate | `poll_ready` | see its docs |
+//! | [`LeastTime`](crate::strategy::LeastTime) (**the default**) | fewest in flight per weight, passing over an endpoint whose latency makes it clearly costlier than a random other | `poll_ready` | see its docs |
+//! | [`LeastConnections`](crate::strategy::LeastConnections) | fewest in flight (weighted: per copy of the lightest endpoint), ties rotate | `poll_ready` | see its docs |
 //! | [`PowerOfTwoChoices`](crate::strategy::PowerOfTwoChoices) | the less loaded of two distinct weighted samples; load = in-flight or PeakEWMA latency × (in-flight + 1) | `poll_ready` | O(1) |
 //! | [`ConsistentHash`](crate::strategy::ConsistentHash) | by request key: ring (Ketama, or nginx-compatible), Maglev; optional bounded loads | `call` | O(log n) ring, O(1) Maglev |
 //! | [`Random`](crate::strategy::Random) | uniform or weighted (alias table) | `poll_ready` | O(1) |
 //!
-//! **The recommended default is [`PowerOfTwoChoices::peak_ewma()`](crate::strategy::PowerOfTwoChoices::peak_ewma)**. No strategy is best
-//! everywhere in the virtual-time quality benchmark (`cargo bench --bench quality`: equal
-//! backends at 70% and 90% load, capacities 3:1:1, one backend 10× slower, heavy-tailed costs,
-//! one backend failing fast, one hanging), but this one is never bad: its p99 is within 1–4%
-//! of the best of tower's p2c variants and exact least-connections with equal or unequal
-//! backends and with a 10× slow one (where least-connections is 2.5× worse), 6–8% above the
-//! best with heavy tails and with a hanging backend, and it sends a fail-fast endpoint 4% of
-//! the errors round-robin does (tower's p2c: 2×), because recent failures count against an
-//! endpoint. Where a backend fails fast its p99 over the served requests is 12% above tower's
-//! p2c, which uses the failing backend as a sink for a quarter of all requests. The figures are
-//! in `BENCHMARKS.md`.
+//! **The recommended default is [`LeastTime`](crate::strategy::LeastTime)**: exact least
+//! connections (weighted), except that an endpoint whose latency makes it clearly costlier
+//! than another is passed over. In the virtual-time quality benchmark (`cargo bench --bench
+//! quality`: equal backends at 70% and 90% load, capacities 3:1:1, one backend 10× slower,
+//! heavy-tailed costs, 100 single-worker backends at 90% load, one backend failing fast, one
+//! hanging) its p99 and p99.9 are within 1% of the best of tower's p2c (pending requests and
+//! PeakEWMA) and exact least connections in six of the eight scenarios and below all of them
+//! with a slow or hanging backend, where least connections alone is 2.5× (slow) and
+//! PeakEWMA P2C 1.8× (100 backends) the best. The exception is a backend that fails fast:
+//! 6–8% above tower's p2c, which turns a quarter of the requests into errors during the fault
+//! (about 25,000 against our 110) and so unloads the other backends. `BENCHMARKS.md` has
+//! every figure; [`LeastTime`](crate::strategy::LeastTime)'s docs explain the choice.
 //!
 //! # How it works
 //!

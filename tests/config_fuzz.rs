@@ -214,6 +214,7 @@ proptest! {
         }
     }
 
+    #[cfg(feature = "http")]
     #[test]
     fn http_settings(uri in "(https?|ftp)?(://)?[a-z0-9.\\[\\]:]{0,20}(:[0-9a-z]{0,7})?(/[a-z]{0,3})?", name in "\\PC{0,12}") {
         use http_body_util::Empty;
@@ -243,6 +244,7 @@ proptest! {
 }
 
 /// The port written after the host in `uri`, if any, as a number.
+#[cfg(feature = "http")]
 fn endpoint_port(uri: &str) -> Option<u32> {
     let rest = uri.split("://").nth(1)?;
     let authority = rest.split('/').next()?;
@@ -302,6 +304,7 @@ fn the_values_the_issue_named_are_rejected() {
         ),
         "max_concurrent_probes"
     );
+    #[cfg(feature = "http")]
     {
         use http_body_util::Empty;
         use hyper::body::Bytes;

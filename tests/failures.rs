@@ -2,6 +2,7 @@
 //! included), responses the classifier judges (5xx, gRPC statuses in headers and trailers,
 //! judged when a stream ends), requests abandoned after a long wait — and never the caller's
 //! own faults.
+#![cfg(feature = "http")]
 
 mod common;
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 use tower_lb::key::{key_fn, KeyHasher};
 use tower_lb::strategy::{
-    ConsistentHash, LeastConnections, PowerOfTwoChoices, Random, RoundRobin, Strategy,
+    ConsistentHash, LeastConnections, LeastTime, PowerOfTwoChoices, Random, RoundRobin, Strategy,
     WeightedRoundRobin,
 };
 use tower_lb::weight::{Weight, Weighted};
@@ -160,7 +160,7 @@ fn wanted(name: &str) -> bool {
 }
 
 /// Every contender, in the order of the table.
-const CONTENDERS: [&str; 17] = [
+const CONTENDERS: [&str; 18] = [
     "direct",
     "reference",
     "(bare reference)",
@@ -173,6 +173,7 @@ const CONTENDERS: [&str; 17] = [
     "least-conn",
     "least-conn-weighted",
     "p2c-peak-ewma",
+    "least-time",
     "ring",
     "ring-nginx",
     "maglev",
@@ -195,6 +196,7 @@ fn contender(name: &'static str, n: usize) -> Contender {
         "least-conn" => balanced(name, LeastConnections::new(), n),
         "least-conn-weighted" => balanced(name, LeastConnections::weighted(), n),
         "p2c-peak-ewma" => balanced(name, PowerOfTwoChoices::peak_ewma(), n),
+        "least-time" => balanced(name, LeastTime::new(), n),
         "ring" => balanced(name, ConsistentHash::ring(), n),
         "ring-nginx" => balanced(name, ConsistentHash::ring_nginx(), n),
         "maglev" => balanced(name, ConsistentHash::maglev(), n),

@@ -160,6 +160,10 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         mean_service: MEAN_SERVICE * 10,
         ..BackendSpec::normal()
     };
+    let single = BackendSpec {
+        workers: 1,
+        ..BackendSpec::normal()
+    };
     let faulty = |kind| Some(Fault { backend: 0, kind });
     vec![
         Scenario::equal("equal-70", "5 equal backends, 70% load", 0.7),
@@ -195,6 +199,14 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 "heavy-tail",
                 "5 equal backends, 5% of requests cost 100x, 70% load",
                 0.7,
+            )
+        },
+        Scenario {
+            backends: vec![single; 100],
+            ..Scenario::equal(
+                "many-100-90",
+                "100 equal single-worker backends, 90% load",
+                0.9,
             )
         },
         Scenario {

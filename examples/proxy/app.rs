@@ -1,47 +1,41 @@
-//! The reverse proxy itself: configuration, the balancer, the proxy handler, header rewriting
-//! and the admin stats. `main.rs` parses the command line and runs it; `tests/proxy.rs`
-//! includes this file and runs it in-process on loopback.
+//! The reverse proxy's parts put together: configuration, the balancer, the public router
+//! and the admin router. `main.rs` parses the command line and runs it; `tests/proxy.rs`
+//! includes these files and runs the proxy in-process on loopback.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
-use std::net::{IpAddr, SocketAddr};
+use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::Poll;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{StatusCode, Version};
+use axum::extract::State;
+use axum::http::header;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::{Stream, TryStreamExt};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+use tokio::net::TcpListener;
 use tower::discover::Change;
-use tower::{BoxError, Layer, Service};
+use tower::{BoxError, Layer};
 use tower_lb::discover::dns::DnsBuilder;
 use tower_lb::discover::Target;
-use tower_lb::health::OutlierDetection;
-use tower_lb::http::{ClientIp, CookieKey, HeaderKey, HttpEndpoint, PathKey, PeerAddr};
-use tower_lb::http::{TrackBody, TrackedBody};
-use tower_lb::key::{KeyHasher, Keyed};
-use tower_lb::strategy::Swappable;
-use tower_lb::strategy::WeightedRoundRobin;
-use tower_lb::strategy::{
-    ConsistentHash, KeyFallback, LeastConnections, PowerOfTwoChoices, Random,
-};
+use tower_lb::health::{HealthCheckBuilder, HealthStatus, OutlierDetection};
+use tower_lb::http::{ClientIp, CookieKey, HeaderKey, HttpEndpoint, HttpProbe, PathKey, TrackBody};
+use tower_lb::key::{KeyHasher, Keyed, RequestKey};
+use tower_lb::strategy::{ConsistentHash, KeyFallback, LeastConnections, LeastTime};
+use tower_lb::strategy::{PowerOfTwoChoices, Random, RoundRobin, Swappable, WeightedRoundRobin};
 use tower_lb::weight::{Weight, Weighted};
 use tower_lb::{discover, Balance, BalanceHandle, BalanceLayer, ConfigError, EndpointStatus};
-use tower_lb::{
-    health::{HealthCheckBuilder, HealthStatus},
-    http::HttpProbe,
-};
-use tower_lb::{key::RequestKey, strategy::RoundRobin};
+
+use crate::forward::{forward, Forwarder, Retrying};
+use crate::server::{self, Lifecycle, ServerSettings};
+use crate::upstream::Upstream;
 
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
@@ -52,12 +46,64 @@ pub(crate) struct Config {
     pub(crate) dns: DnsBackends,
     /// How requests are spread over the backends.
     pub(crate) strategy: StrategySpec,
-    /// The path of the JSON stats page (served by the proxy, not forwarded).
+    /// The path of the JSON stats page on the admin listener.
     pub(crate) admin_path: String,
     /// When a backend is ejected for failing (passive health checking).
     pub(crate) outlier: OutlierDetection,
     /// Active health checks, if any: backends whose probes fail are taken out of rotation.
     pub(crate) health: Option<ActiveHealth>,
+    /// Peers (other proxies, load balancers) whose forwarding headers are believed.
+    pub(crate) trusted_proxies: Vec<IpNet>,
+    /// The client side: header and idle timeouts, header size, shutdown deadline.
+    pub(crate) server: ServerSettings,
+    /// The longest pause in a client's request body (408 or the connection closed after it).
+    pub(crate) body_timeout: Duration,
+    /// A WebSocket (or other upgraded) tunnel through which nothing passed for this long is
+    /// closed.
+    pub(crate) tunnel_idle_timeout: Duration,
+    /// The backend side: timeouts and the connection pool.
+    pub(crate) upstream: UpstreamSettings,
+}
+
+/// How the proxy talks to its backends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UpstreamSettings {
+    /// How long a connection to a backend may take to open.
+    pub(crate) connect_timeout: Duration,
+    /// How long a backend may take to send its response head, and then each part of its body
+    /// (504 before the head; the response is cut after it). Counted against the backend.
+    pub(crate) timeout: Duration,
+    /// How long an idle pooled connection to a backend is kept.
+    pub(crate) pool_idle_timeout: Duration,
+    /// How many idle connections to each backend are kept.
+    pub(crate) pool_max_idle: usize,
+}
+
+/// The defaults, as nginx's where nginx has one.
+pub(crate) mod defaults {
+    use std::time::Duration;
+
+    /// nginx's `client_header_timeout`.
+    pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+    /// nginx's `keepalive_timeout`.
+    pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+    /// nginx's `client_body_timeout`.
+    pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Longer than nginx's 60 s `proxy_read_timeout`, which closes quiet WebSockets that
+    /// ping less often than once a minute.
+    pub(crate) const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// nginx's `large_client_header_buffers` (4 × 8 KiB).
+    pub(crate) const MAX_HEADER_SIZE: usize = 32 * 1024;
+    /// Kubernetes' default grace period is 30 s; stop a little before it kills the process.
+    pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
+    /// Backends are usually near; nginx's 60 s `proxy_connect_timeout` is for the internet.
+    pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// nginx's `proxy_read_timeout`.
+    pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+    /// nginx's upstream `keepalive_timeout`.
+    pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// The usual `keepalive 32` of an nginx upstream block.
+    pub(crate) const POOL_MAX_IDLE: usize = 32;
 }
 
 /// Active health checking: `GET path` on every backend, on a schedule.
@@ -82,7 +128,7 @@ impl ActiveHealth {
 impl Config {
     /// Round-robin over `backends`, stats on `/_lb/stats`, the default outlier detection
     /// (5 failures in a row eject a backend for 30 s, longer if it keeps failing), no active
-    /// health checks.
+    /// health checks, no trusted proxies, and the [`defaults`].
     pub(crate) fn new(backends: Vec<Backend>) -> Self {
         Self {
             backends,
@@ -91,6 +137,21 @@ impl Config {
             admin_path: "/_lb/stats".to_owned(),
             outlier: OutlierDetection::new(),
             health: None,
+            trusted_proxies: Vec::new(),
+            server: ServerSettings {
+                header_timeout: defaults::HEADER_TIMEOUT,
+                idle_timeout: defaults::IDLE_TIMEOUT,
+                max_header_size: defaults::MAX_HEADER_SIZE,
+                shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            },
+            body_timeout: defaults::BODY_TIMEOUT,
+            tunnel_idle_timeout: defaults::TUNNEL_IDLE_TIMEOUT,
+            upstream: UpstreamSettings {
+                connect_timeout: defaults::CONNECT_TIMEOUT,
+                timeout: defaults::UPSTREAM_TIMEOUT,
+                pool_idle_timeout: defaults::POOL_IDLE_TIMEOUT,
+                pool_max_idle: defaults::POOL_MAX_IDLE,
+            },
         }
     }
 }
@@ -190,6 +251,10 @@ pub(crate) const STRATEGIES: &[(&str, &str)] = &[
         "p2c-peak-ewma",
         "the faster of two random backends (PeakEWMA)",
     ),
+    (
+        "least-time",
+        "the fewest requests in flight per weight, avoiding slow backends",
+    ),
     ("hash-KEY", "the same KEY to the same backend (hash ring)"),
     ("nginx-hash-KEY", "as nginx's `hash KEY consistent`"),
     (
@@ -216,6 +281,7 @@ enum Algorithm {
     WeightedRandom,
     PowerOfTwoChoices,
     PeakEwma,
+    LeastTime,
     ConsistentHash(ConsistentHash),
 }
 
@@ -231,6 +297,7 @@ impl StrategySpec {
             "weighted-random" => Algorithm::WeightedRandom,
             "p2c" => Algorithm::PowerOfTwoChoices,
             "p2c-peak-ewma" => Algorithm::PeakEwma,
+            "least-time" => Algorithm::LeastTime,
             _ => return Self::parse_hash(name),
         };
         Ok(Self {
@@ -288,6 +355,7 @@ impl StrategySpec {
             Algorithm::WeightedRandom => Swappable::new(Random::weighted()),
             Algorithm::PowerOfTwoChoices => Swappable::new(PowerOfTwoChoices::new()),
             Algorithm::PeakEwma => Swappable::new(PowerOfTwoChoices::peak_ewma()),
+            Algorithm::LeastTime => Swappable::new(LeastTime::new()),
             Algorithm::ConsistentHash(hash) => Swappable::new(hash.clone()),
         }
     }
@@ -303,7 +371,7 @@ fn unknown_strategy(name: &str) -> String {
 
 /// What a hashing strategy hashes, parsed from the `KEY` part of its name.
 #[derive(Clone, Debug)]
-enum HashOn {
+pub(crate) enum HashOn {
     /// Not a hashing strategy.
     Nothing,
     ClientIp(ClientIp),
@@ -329,8 +397,24 @@ impl HashOn {
     }
 }
 
+impl HashOn {
+    /// Believes forwarding headers from `trusted` peers when hashing by client IP.
+    fn trusting(&self, trusted: &[IpNet]) -> Result<Self, ConfigError> {
+        match self {
+            HashOn::ClientIp(_) if !trusted.is_empty() => {
+                let networks = trusted.iter().map(|net| net.to_string());
+                Ok(HashOn::ClientIp(ClientIp::new().trust_proxies(networks)?))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+}
+
 impl<B> RequestKey<axum::http::Request<B>> for HashOn {
     fn hash_key(&self, request: &axum::http::Request<B>, hasher: &mut KeyHasher) -> bool {
+        if request.extensions().get::<Retrying>().is_some() {
+            return false;
+        }
         match self {
             HashOn::Nothing => false,
             HashOn::ClientIp(key) => key.hash_key(request, hasher),
@@ -354,24 +438,37 @@ pub(crate) fn check_admin_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-type Endpoint = Weighted<HttpEndpoint<Body>>;
-type Endpoints = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Endpoint>, BoxError>> + Send>>;
+/// The most headers a backend's response may have (hyper's default is 100, and a backend
+/// answering more got a 502). hyper parses into a heap array of this size per response, so
+/// it is not much larger than needed.
+pub(crate) const MAX_RESPONSE_HEADERS: usize = 256;
+
+type Endpoints =
+    Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Weighted<Upstream>>, BoxError>> + Send>>;
 type Candidates = Pin<Box<dyn Stream<Item = Result<Change<SocketAddr, Target>, BoxError>> + Send>>;
-// `Swappable` lets the strategy be chosen at run time (from the command line) behind one type;
-// it costs one virtual call per pick.
-type ProxyBalance = Balance<SocketAddr, HttpEndpoint<Body>, Swappable, Keyed<HashOn>, TrackBody>;
+
+/// The balancer, the one place its type is spelled out. `Swappable` lets the strategy be
+/// chosen at run time (from the command line) behind one type; it costs one virtual call per
+/// pick. It is `Send + Sync`, so axum's `State` holds it as it is, and every request clones it.
+pub(crate) type Balancer = Balance<SocketAddr, Upstream, Swappable, Keyed<HashOn>, TrackBody>;
 
 /// Builds the balancer over the configured backends (fixed, and found by DNS), behind active
 /// health checks if configured; returns it with the health checks' view of the backends.
 fn build_balancer(
     config: &Config,
-) -> Result<(ProxyBalance, Option<HealthStatus<SocketAddr>>), ConfigError> {
+) -> Result<(Balancer, Option<HealthStatus<SocketAddr>>), ConfigError> {
+    let upstream = config.upstream;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_connect_timeout(Some(upstream.connect_timeout));
     // One client, so one connection pool, for every backend and every probe. Requests keep
     // their client's `Host`, so backends found by name need no name of their own.
-    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(upstream.pool_idle_timeout)
+        .pool_max_idle_per_host(upstream.pool_max_idle)
+        .http1_max_headers(MAX_RESPONSE_HEADERS)
+        .build(connector);
 
     let fixed = discover::fixed(
         config
@@ -403,17 +500,19 @@ fn build_balancer(
             None => (name.clone(), *weight),
         })
         .collect();
+    let timeout = upstream.timeout;
     let endpoints = discover::connect(candidates, move |target: Target| {
         let weight = target
             .authority()
             .and_then(|name| name_weights.get(name))
             .copied()
             .unwrap_or(target.weight());
-        Weighted::new(HttpEndpoint::new(&client, target.addr()), weight)
+        let endpoint = HttpEndpoint::new(&client, target.addr());
+        Weighted::new(Upstream::new(endpoint, target.addr(), timeout), weight)
     });
 
     let balance = BalanceLayer::new(config.strategy.strategy())
-        .key(config.strategy.hash_on.clone())
+        .key(config.strategy.hash_on.trusting(&config.trusted_proxies)?)
         .weighted()
         // A response counts as in flight until its body has streamed to the client.
         .track_completion(TrackBody::end_of_stream())
@@ -422,210 +521,83 @@ fn build_balancer(
     Ok((balance, health))
 }
 
-/// A few long-lived clones of the balancer, each lent to one request at a time for the
-/// instant of `poll_ready` + `call`.
-///
-/// Why not a fresh clone per request (as axum's `State` would hand out): a clone keeps its own
-/// rotation cursor (starting at random) and its own copies of the endpoint services, so a
-/// clone per request would make round-robin random and copy every endpoint per request.
-/// One clone per core keeps contention on the short lock negligible.
-struct Balancers {
-    clones: Box<[Mutex<ProxyBalance>]>,
-    next: AtomicUsize,
+/// The proxy, built and ready to serve: the public router (every request forwarded), the
+/// admin router (the stats), and the server settings.
+pub(crate) struct App {
+    public: Router,
+    admin: Router,
+    server: ServerSettings,
+    lifecycle: Lifecycle,
 }
 
-impl Balancers {
-    fn new(balance: ProxyBalance) -> Self {
-        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self {
-            clones: (0..count).map(|_| Mutex::new(balance.clone())).collect(),
-            next: AtomicUsize::new(0),
-        }
-    }
+/// Builds the proxy. Fails if the configuration is invalid (such as a bad health check path).
+pub(crate) fn build_app(config: &Config) -> Result<App, ConfigError> {
+    let (balance, health) = build_balancer(config)?;
+    let lifecycle = Lifecycle::new();
+    let admin = AdminState {
+        handle: balance.handle(),
+        health,
+        backends: config.backends.iter().map(|b| b.addr).collect(),
+        strategy: config.strategy.name().into(),
+    };
+    let forwarder = Forwarder {
+        balancer: balance,
+        trusted: config.trusted_proxies.clone().into(),
+        body_timeout: config.body_timeout,
+        tunnel_idle_timeout: config.tunnel_idle_timeout,
+        lifecycle: lifecycle.clone(),
+    };
+    Ok(App {
+        public: Router::new()
+            .fallback(forward)
+            .with_state(Arc::new(forwarder)),
+        admin: Router::new()
+            .route(&config.admin_path, get(admin_stats))
+            .with_state(admin),
+        server: config.server,
+        lifecycle,
+    })
+}
 
-    /// Sends `request` to a backend; the response body streams from it.
-    async fn send(
-        &self,
-        request: Request,
-    ) -> Result<Response<TrackedBody<hyper::body::Incoming>>, BoxError> {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.clones.len();
-        let balance = &self.clones[slot];
-        let mut request = Some(request);
-        // The lock is never held across an await: readiness and the call happen in one poll.
-        let response = poll_fn(|cx| {
-            let mut balance = balance.lock().unwrap_or_else(PoisonError::into_inner);
-            std::task::ready!(balance.poll_ready(cx))?;
-            let request = request.take().expect("not polled again after Ready");
-            Poll::Ready(Ok::<_, BoxError>(balance.call(request)))
-        })
-        .await?;
-        response.await
+impl App {
+    /// Something that stops the proxy at once, whatever is in progress (a second signal).
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.clone()
     }
+}
+
+/// Serves the proxy on `public` and its stats on `admin` until `shutdown` resolves, then stops
+/// accepting connections and finishes the requests in progress, for at most the shutdown
+/// timeout.
+pub(crate) async fn serve(
+    app: App,
+    public: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let mut draining = app.lifecycle.follow();
+    let admin = axum::serve(admin, app.admin).with_graceful_shutdown(async move {
+        server::reached(&mut draining, server::Phase::Draining).await;
+    });
+    let admin = tokio::spawn(async move {
+        if let Err(error) = admin.await {
+            tracing::warn!(%error, "the admin listener failed");
+        }
+    });
+    server::serve(public, app.public, app.server, app.lifecycle, shutdown).await;
+    admin.abort();
 }
 
 #[derive(Clone)]
-struct AppState {
-    balancers: Arc<Balancers>,
+struct AdminState {
     handle: BalanceHandle<SocketAddr>,
     health: Option<HealthStatus<SocketAddr>>,
     backends: Arc<[SocketAddr]>,
     strategy: Arc<str>,
 }
 
-/// The proxy as an axum router: the admin stats page, and every other request forwarded.
-/// Fails if the configuration is invalid (such as a bad health check path).
-///
-/// Serve it with [`serve`], which gives the proxy each client's address.
-pub(crate) fn build_app(config: &Config) -> Result<Router, ConfigError> {
-    let (balance, health) = build_balancer(config)?;
-    let state = AppState {
-        handle: balance.handle(),
-        balancers: Arc::new(Balancers::new(balance)),
-        health,
-        backends: config.backends.iter().map(|b| b.addr).collect(),
-        strategy: config.strategy.name().into(),
-    };
-    Ok(Router::new()
-        .route(&config.admin_path, get(admin_stats))
-        .fallback(proxy)
-        .with_state(state))
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting connections and
-/// finishes the requests in progress (graceful shutdown).
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        // Hands each request its client's address (`ConnectInfo`).
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-}
-
-/// Forwards one request to a backend and streams the response back.
-async fn proxy(State(state): State<AppState>, mut request: Request) -> Response {
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0);
-    rewrite_request_headers(request.headers_mut(), client.map(|c| c.ip()));
-    if let Some(client) = client {
-        // `ClientIp` (hashing by client address) reads the peer from here.
-        request.extensions_mut().insert(PeerAddr(client));
-    }
-    // The backend connection is HTTP/1.1 whatever the client spoke.
-    *request.version_mut() = Version::HTTP_11;
-
-    match state.balancers.send(request).await {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            remove_hop_by_hop_headers(&mut parts.headers);
-            Response::from_parts(parts, Body::new(body))
-        }
-        Err(error) => error_response(&*error),
-    }
-}
-
-/// 503 when the balancer has no backend to offer, 502 when the backend failed.
-fn error_response(error: &(dyn std::error::Error + 'static)) -> Response {
-    if let Some(tower_lb::Error::NoEndpoints) = error.downcast_ref::<tower_lb::Error>() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: no backend is available\n",
-        )
-            .into_response();
-    }
-    let mut message = format!("502 Bad Gateway: the backend failed: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    message.push('\n');
-    (StatusCode::BAD_GATEWAY, message).into_response()
-}
-
-/// Headers that describe one connection, not the message: never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes the hop-by-hop headers, and every header the `Connection` header names.
-pub(crate) fn remove_hop_by_hop_headers(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
-    }
-}
-
-/// Prepares a client's request headers for the backend: drops hop-by-hop headers and adds
-/// the client to `X-Forwarded-For` and `Forwarded` (keeping what earlier proxies wrote).
-pub(crate) fn rewrite_request_headers(headers: &mut HeaderMap, client: Option<IpAddr>) {
-    remove_hop_by_hop_headers(headers);
-    let Some(client) = client else { return };
-    append_to_list(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        &client.to_string(),
-    );
-
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let mut element = format!("for={node};proto=http");
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        element.push_str(&format!(";host={}", quote_if_needed(host)));
-    }
-    append_to_list(headers, header::FORWARDED, &element);
-}
-
-/// Appends `item` to a comma-separated list header, merging repeated headers into one.
-fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
-    let mut list: Vec<&str> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .collect();
-    list.push(item);
-    if let Ok(value) = HeaderValue::from_str(&list.join(", ")) {
-        headers.insert(name, value);
-    }
-}
-
-/// A `Forwarded` parameter value: a token as is, anything else quoted (RFC 7239 §4).
-fn quote_if_needed(value: &str) -> String {
-    let token = !value.is_empty()
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c));
-    if token {
-        value.to_owned()
-    } else {
-        format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
-    }
-}
-
 /// The balancer's stats as JSON.
-async fn admin_stats(State(state): State<AppState>) -> Response {
+async fn admin_stats(State(state): State<AdminState>) -> Response {
     let Ok(stats) = state.handle.stats() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "the balancer is gone\n").into_response();
     };

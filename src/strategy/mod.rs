@@ -52,6 +52,7 @@
 mod alias;
 mod consistent_hash;
 mod least_connections;
+mod least_time;
 mod p2c;
 mod random;
 mod round_robin;
@@ -66,6 +67,7 @@ use crate::util::rng::FastRng;
 
 pub use consistent_hash::{ConsistentHash, ConsistentHashPicker, KeyFallback};
 pub use least_connections::{LeastConnections, LeastConnectionsPicker};
+pub use least_time::LeastTime;
 pub use p2c::{PowerOfTwoChoices, PowerOfTwoChoicesPicker};
 pub use random::{Random, RandomPicker};
 pub use round_robin::{RoundRobin, RoundRobinPicker};

@@ -21,9 +21,12 @@ use crate::util::rng::split;
 /// - [`PowerOfTwoChoices::peak_ewma`]: load is the endpoint's latency estimate × (requests in
 ///   flight + 1), the cost this request can expect there (Finagle's and tower's PeakEWMA). The
 ///   estimate follows the latency of every response, jumps up at once to a slower one and
-///   decays toward faster ones with the [`decay`](Self::decay) time constant (default 10 s);
-///   without responses it decays toward zero, so an endpoint avoided for being slow is tried
-///   again later. An endpoint with no response yet is *probed*: while idle it costs nothing,
+///   decays toward faster ones with the [`decay`](Self::decay) time constant (default 10 s),
+///   or over about 64 responses when they come faster than that, so that one stall is not
+///   held against a busy endpoint for thousands of requests; without responses it decays
+///   toward zero, so an endpoint avoided for being slow is tried again later. Estimates
+///   below the [`latency_resolution`](Self::latency_resolution) (default 1 ms) count as equal
+///   to it. An endpoint with no response yet is *probed*: while idle it costs nothing,
 ///   so a new endpoint gets a request at once, and each request in flight to it counts as
 ///   [`default_rtt`](Self::default_rtt) (default 30 ms, linkerd's) until its first response
 ///   gives it a real estimate. (Charging an idle new endpoint the default would starve it
@@ -48,6 +51,16 @@ use crate::util::rng::split;
 /// least busy copy. So a heavy endpoint takes `w / w_min` requests at once before it looks
 /// busier than an idle light one, and with weights 99:1 the light endpoint gets about 1% of
 /// the requests at any concurrency, not "one request whenever it is idle".
+///
+/// Latency is weighed per copy too. An endpoint that answers 99 times as many requests meets
+/// 99 times as many stalls (a client thread preempted, a collection pause), and a peak
+/// estimate holds the worst of them: judged as a whole, the heavy endpoint would look slower
+/// than an equally fast light one, lose comparisons, stop getting the responses that would
+/// correct its estimate, and the light endpoint would take most of the traffic (the heavy
+/// one got 8–67% in our tests). So the estimate is that of one copy: a slower response
+/// raises it by `w_min / w` of the difference, and it forgets over 64 responses per copy.
+/// With weights 99:1 over equally fast endpoints the heavy one gets 99% ± 1%, whether they
+/// answer at once or in 10 ms, one request at a time or eight (`tests/weights.rs`).
 ///
 /// The second draw is also proportional to weight, redrawn (at most four draws) while it
 /// hits the first endpoint; when a dominant weight makes all of them hit it, the second is
@@ -106,6 +119,7 @@ enum Load {
     PeakEwma {
         decay: Duration,
         default_rtt: Duration,
+        resolution: Duration,
     },
 }
 
@@ -117,6 +131,8 @@ impl PowerOfTwoChoices {
     pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
     /// The default [`error_penalty`](Self::error_penalty): 1.
     pub const DEFAULT_ERROR_PENALTY: f64 = 1.0;
+    /// The default [`latency_resolution`](Self::latency_resolution): 1 ms.
+    pub const DEFAULT_RESOLUTION: Duration = Duration::from_millis(1);
 
     /// Load is the number of requests in flight.
     pub fn new() -> Self {
@@ -132,6 +148,7 @@ impl PowerOfTwoChoices {
             load: Load::PeakEwma {
                 decay: Self::DEFAULT_DECAY,
                 default_rtt: Self::DEFAULT_RTT,
+                resolution: Self::DEFAULT_RESOLUTION,
             },
             error_penalty: Self::DEFAULT_ERROR_PENALTY,
         }
@@ -143,7 +160,12 @@ impl PowerOfTwoChoices {
     ///
     /// Rejected when zero, or when this is not a [`peak_ewma`](Self::peak_ewma) strategy.
     pub fn decay(self, decay: Duration) -> Result<Self, ConfigError> {
-        let Load::PeakEwma { default_rtt, .. } = self.load else {
+        let Load::PeakEwma {
+            default_rtt,
+            resolution,
+            ..
+        } = self.load
+        else {
             return Err(not_peak_ewma("decay"));
         };
         if decay.is_zero() {
@@ -153,7 +175,11 @@ impl PowerOfTwoChoices {
             ));
         }
         Ok(Self {
-            load: Load::PeakEwma { decay, default_rtt },
+            load: Load::PeakEwma {
+                decay,
+                default_rtt,
+                resolution,
+            },
             ..self
         })
     }
@@ -165,7 +191,10 @@ impl PowerOfTwoChoices {
     ///
     /// Rejected when zero, or when this is not a [`peak_ewma`](Self::peak_ewma) strategy.
     pub fn default_rtt(self, default_rtt: Duration) -> Result<Self, ConfigError> {
-        let Load::PeakEwma { decay, .. } = self.load else {
+        let Load::PeakEwma {
+            decay, resolution, ..
+        } = self.load
+        else {
             return Err(not_peak_ewma("default_rtt"));
         };
         if default_rtt.is_zero() {
@@ -176,7 +205,47 @@ impl PowerOfTwoChoices {
             ));
         }
         Ok(Self {
-            load: Load::PeakEwma { decay, default_rtt },
+            load: Load::PeakEwma {
+                decay,
+                default_rtt,
+                resolution,
+            },
+            ..self
+        })
+    }
+
+    /// The finest latency difference PeakEWMA acts on: estimates below it count as equal to
+    /// it (default [`DEFAULT_RESOLUTION`](Self::DEFAULT_RESOLUTION), 1 ms, the resolution at
+    /// which nginx and HAProxy time responses).
+    ///
+    /// Below a millisecond, what an estimate measures is mostly scheduling noise, and it is
+    /// not even noise that weighs endpoints alike: an estimate jumps to its worst recent
+    /// sample, and an endpoint that answers more requests meets more bad samples. Without a
+    /// resolution, two equally fast endpoints weighted 99:1 that answer in microseconds
+    /// share requests by the luck of their last hiccups (the heavy one got 60–90% in our
+    /// tests). With it, they tie, and the weights decide. Lower it for endpoints whose
+    /// sub-millisecond differences are real and steady.
+    ///
+    /// Rejected when zero, or when this is not a [`peak_ewma`](Self::peak_ewma) strategy.
+    pub fn latency_resolution(self, resolution: Duration) -> Result<Self, ConfigError> {
+        let Load::PeakEwma {
+            decay, default_rtt, ..
+        } = self.load
+        else {
+            return Err(not_peak_ewma("latency_resolution"));
+        };
+        if resolution.is_zero() {
+            return Err(ConfigError::new(
+                "latency_resolution",
+                "must be greater than zero; use 1 ns to compare estimates as they are",
+            ));
+        }
+        Ok(Self {
+            load: Load::PeakEwma {
+                decay,
+                default_rtt,
+                resolution,
+            },
             ..self
         })
     }
@@ -223,11 +292,25 @@ impl Strategy for PowerOfTwoChoices {
             (Some(min), Some(max)) if min != max => Sampler::weighted(&weights),
             _ => Sampler::Uniform,
         };
+        if let Load::PeakEwma { .. } = self.load {
+            // Each endpoint's estimate is that of one copy of the lightest endpoint.
+            let w_min = weights.iter().copied().min().unwrap_or(1);
+            for (i, &w) in weights.iter().enumerate() {
+                endpoints
+                    .state(i)
+                    .set_latency_share(f64::from(w_min) / f64::from(w));
+            }
+        }
         let load = match self.load {
             Load::InFlight => PickerLoad::InFlight,
-            Load::PeakEwma { decay, default_rtt } => PickerLoad::PeakEwma {
+            Load::PeakEwma {
+                decay,
+                default_rtt,
+                resolution,
+            } => PickerLoad::PeakEwma {
                 decay,
                 default_rtt_ns: default_rtt.as_nanos() as f64,
+                resolution_ns: resolution.as_nanos() as f64,
             },
         };
         PowerOfTwoChoicesPicker {
@@ -250,6 +333,7 @@ enum PickerLoad {
     PeakEwma {
         decay: Duration,
         default_rtt_ns: f64,
+        resolution_ns: f64,
     },
 }
 
@@ -339,13 +423,14 @@ impl PowerOfTwoChoicesPicker {
         let PickerLoad::PeakEwma {
             decay,
             default_rtt_ns,
+            resolution_ns,
         } = self.load
         else {
             return self.in_flight(index, endpoint) as f64;
         };
         let in_flight = self.in_flight(index, endpoint) as f64;
         match endpoint.latency_estimate(now, decay) {
-            Some(estimate) => estimate * (in_flight + 1.0),
+            Some(estimate) => estimate.max(resolution_ns) * (in_flight + 1.0),
             // Not measured yet: free while idle, so it is probed.
             None => default_rtt_ns * in_flight,
         }
@@ -681,6 +766,17 @@ mod tests {
             .decay(Duration::from_secs(1))
             .unwrap_err();
         assert!(err.to_string().contains("peak_ewma()"), "{err}");
+        let err = PowerOfTwoChoices::peak_ewma()
+            .latency_resolution(Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(err.setting(), "latency_resolution");
+        let err = PowerOfTwoChoices::new()
+            .latency_resolution(Duration::from_micros(10))
+            .unwrap_err();
+        assert!(err.to_string().contains("peak_ewma()"), "{err}");
+        assert!(PowerOfTwoChoices::peak_ewma()
+            .latency_resolution(Duration::from_nanos(1))
+            .is_ok());
         for penalty in [-1.0, f64::NAN, f64::INFINITY] {
             let err = PowerOfTwoChoices::new().error_penalty(penalty).unwrap_err();
             assert_eq!(err.setting(), "error_penalty");
