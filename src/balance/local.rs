@@ -71,7 +71,9 @@ impl<S, P: Picker> Local<S, P> {
 }
 
 impl<S: Clone, P: Picker> Local<S, P> {
-    /// A clone's state, starting from `snapshot` (of `version`) if it has one.
+    /// A clone's state, starting from `snapshot` (of `version`) if it has one. Inline: a
+    /// clone per request makes one per request, and a returned copy of it costs.
+    #[inline]
     pub(super) fn new(
         pick: LocalState,
         version: u64,
@@ -572,9 +574,10 @@ struct Copies<S> {
 }
 
 impl<S> Copies<S> {
+    #[inline]
     fn new() -> Self {
         Self {
-            few: std::array::from_fn(|_| Copy::EMPTY),
+            few: [Copy::EMPTY; FEW],
             by_slot: Vec::new(),
         }
     }
