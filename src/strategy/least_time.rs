@@ -57,8 +57,9 @@ use crate::error::ConfigError;
 /// seeds) its p99 and p99.9 are within 5% of the best of tower's p2c (pending requests and
 /// PeakEWMA) and exact least connections in every scenario but one, and below all of them
 /// with a 10× slow backend; the exception is a backend that fails fast, where tower's p2c
-/// turns a quarter of the requests into errors (25,522 against our 109), which unloads the
-/// others: p99 1.06–1.08× and p99.9 1.06× there. The figures are in `BENCHMARKS.md`.
+/// turns a quarter of the requests into errors during the fault (25,522 against our 104),
+/// which unloads the others: p99 1.07× and p99.9 1.05× there. The figures are in
+/// `BENCHMARKS.md`.
 ///
 /// # Weights
 ///
