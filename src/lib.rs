@@ -58,13 +58,14 @@
 //! than another is passed over. In the virtual-time quality benchmark (`cargo bench --bench
 //! quality`: equal backends at 70% and 90% load, capacities 3:1:1, one backend 10× slower,
 //! heavy-tailed costs, 100 single-worker backends at 90% load, one backend failing fast, one
-//! hanging) its p99 and p99.9 are within 1% of the best of tower's p2c (pending requests and
-//! PeakEWMA) and exact least connections in six of the eight scenarios and below all of them
-//! with a slow or hanging backend, where least connections alone is 2.5× (slow) and
-//! PeakEWMA P2C 1.8× (100 backends) the best. The exception is a backend that fails fast:
-//! 6–8% above tower's p2c, which turns a quarter of the requests into errors during the fault
-//! (about 25,000 against our 110) and so unloads the other backends. `BENCHMARKS.md` has
-//! every figure; [`LeastTime`](crate::strategy::LeastTime)'s docs explain the choice.
+//! hanging) its p99 and p99.9 are within 2% of the best of tower's p2c (pending requests and
+//! PeakEWMA) and exact least connections in the five scenarios where backends are alike
+//! (PeakEWMA P2C is 1.8× the best with 100 backends), and below all of them with a slow or a
+//! hanging backend (least connections alone is 2.5× the best with the slow one). The
+//! exception is a backend that fails fast: 5–7% above tower's p2c, which turns a quarter of
+//! the requests into errors during the fault (about 25,000 against our 104) and so unloads
+//! the other backends. `BENCHMARKS.md` has every figure;
+//! [`LeastTime`](crate::strategy::LeastTime)'s docs explain the choice.
 //!
 //! # How it works
 //!

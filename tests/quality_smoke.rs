@@ -28,9 +28,13 @@ fn scenario(name: &str) -> Scenario {
 }
 
 fn simulate(scenario: &Scenario, name: &'static str, make: &MakeBalancer) -> Summary {
-    let requests = scenario.requests(SEED, REQUESTS);
+    simulate_n(scenario, name, make, REQUESTS)
+}
+
+fn simulate_n(scenario: &Scenario, name: &'static str, make: &MakeBalancer, n: usize) -> Summary {
+    let requests = scenario.requests(SEED, n);
     let run = sim::run(scenario, &requests, make, SEED);
-    assert_eq!(run.outcomes.len(), REQUESTS, "every request has an outcome");
+    assert_eq!(run.outcomes.len(), n, "every request has an outcome");
     Summary::new(name, &[run], Duration::ZERO)
 }
 
@@ -95,4 +99,49 @@ fn a_failing_backend_answers_errors_only_in_the_middle_third() {
     assert!((0.05..0.085).contains(&share), "round-robin failed {share}");
     // Errors are fast: they do not reach the latency percentiles.
     assert!(rr.p999 < Duration::from_millis(500), "{:?}", rr.p999);
+}
+
+#[test]
+fn least_time_passes_over_a_slow_backend_that_least_connections_keeps_using() {
+    let slow = scenario("one-10x-slow");
+    let lc = simulate(
+        &slow,
+        "least-conn",
+        &ours(tower_lb::strategy::LeastConnections::new()),
+    );
+    let lt = simulate(
+        &slow,
+        "least-time",
+        &ours(tower_lb::strategy::LeastTime::new()),
+    );
+    // Least connections sends the slow backend a request whenever it is the least loaded;
+    // least time holds it against the others' latency.
+    assert!(
+        lt.shares[0] * 2.0 < lc.shares[0],
+        "least time gives the slow backend {:?}, least connections {:?}",
+        lt.shares,
+        lc.shares
+    );
+    assert!(lt.p99 * 2 < lc.p99, "{:?} vs {:?}", lt.p99, lc.p99);
+}
+
+#[test]
+fn least_time_passes_over_a_hanging_backend() {
+    // Long enough (11 s of virtual time) for the hang to outlast the client's 1 s timeout.
+    let (hang, n) = (scenario("hang"), 15_000);
+    let lc = simulate_n(
+        &hang,
+        "least-conn",
+        &ours(tower_lb::strategy::LeastConnections::new()),
+        n,
+    );
+    let lt = simulate_n(
+        &hang,
+        "least-time",
+        &ours(tower_lb::strategy::LeastTime::new()),
+        n,
+    );
+    // Timed-out requests leave least connections' count, so it keeps trying the hanging
+    // backend; least time takes the wait as the backend's latency.
+    assert!(lt.errors * 2 < lc.errors, "{} vs {}", lt.errors, lc.errors);
 }

@@ -23,13 +23,16 @@ use crate::error::ConfigError;
 /// its index without reading every endpoint, ties rotating (equal weights) or broken in
 /// proportion to weight. Then each candidate it finds is held against one other endpoint
 /// drawn at random (in proportion to weight): if that one's expected cost — its latency
-/// estimate × (its load per copy + 1) — is below 90% of the candidate's, the candidate is
+/// estimate × (its load per copy + 1) — is below 70% of the candidate's, the candidate is
 /// passed over and the search goes on to the next least loaded endpoint. After eight passes
 /// the next candidate is taken regardless, so a pick stays bounded.
 ///
 /// Latency is each endpoint's PeakEWMA estimate, as [`PowerOfTwoChoices::peak_ewma`] keeps
-/// it: it jumps up to a slower response, decays toward faster ones over
-/// [`decay`](Self::decay) (10 s) or about 64 responses per copy, whichever is sooner, and
+/// it (per copy of the lightest endpoint): it jumps up toward a slower response (at most
+/// doubling per response), decays toward
+/// faster ones over [`decay`](Self::decay) (10 s) or within about 64 responses per copy,
+/// whichever is sooner (so that one slow response among many fast ones fades quickly:
+/// latency here only has to tell endpoints that are slow from those that are not), and
 /// counts at least [`latency_resolution`](Self::latency_resolution) (1 ms). An endpoint
 /// whose response latency has not been measured yet, or whose last responses failed, is
 /// judged by its load alone and is no reference for passing over others (an endpoint that
@@ -54,8 +57,9 @@ use crate::error::ConfigError;
 /// seeds) its p99 and p99.9 are within 5% of the best of tower's p2c (pending requests and
 /// PeakEWMA) and exact least connections in every scenario but one, and below all of them
 /// with a 10× slow backend; the exception is a backend that fails fast, where tower's p2c
-/// turns a quarter of the requests into errors (25,522 against our 109), which unloads the
-/// others: p99 1.06–1.08× and p99.9 1.06× there. The figures are in `BENCHMARKS.md`.
+/// turns a quarter of the requests into errors during the fault (25,522 against our 104),
+/// which unloads the others: p99 1.07× and p99.9 1.05× there. The figures are in
+/// `BENCHMARKS.md`.
 ///
 /// # Weights
 ///

@@ -20,19 +20,20 @@ use crate::util::rng::split;
 ///   from every clone of the balancer. No clock is read.
 /// - [`PowerOfTwoChoices::peak_ewma`]: load is the endpoint's latency estimate × (requests in
 ///   flight + 1), the cost this request can expect there (Finagle's and tower's PeakEWMA). The
-///   estimate follows the latency of every response, jumps up at once to a slower one and
-///   decays toward faster ones with the [`decay`](Self::decay) time constant (default 10 s),
-///   or over about 64 responses when they come faster than that, so that one stall is not
-///   held against a busy endpoint for thousands of requests; without responses it decays
-///   toward zero, so an endpoint avoided for being slow is tried again later. Estimates
-///   below the [`latency_resolution`](Self::latency_resolution) (default 1 ms) count as equal
-///   to it. An endpoint with no response yet is *probed*: while idle it costs nothing,
-///   so a new endpoint gets a request at once, and each request in flight to it counts as
+///   estimate follows the latency of every response: it jumps up toward a slower one, at most
+///   doubling per response (so one stall of the client is not taken for a slow endpoint,
+///   while a run of slow responses lifts it within a few), and decays toward faster ones with
+///   the [`decay`](Self::decay) time constant (default 10 s); without responses it decays
+///   toward zero, so an endpoint avoided for being slow is tried again later. Estimates below
+///   the [`latency_resolution`](Self::latency_resolution) (default 1 ms) count as equal to
+///   it. An endpoint with no response yet is *probed*: while idle it costs nothing, so a new
+///   endpoint gets a request at once, and each request in flight to it counts as
 ///   [`default_rtt`](Self::default_rtt) (default 30 ms, linkerd's) until its first response
 ///   gives it a real estimate. (Charging an idle new endpoint the default would starve it
 ///   whenever the others answer faster than that: only an answer can change it.) The second
-///   endpoint must be more than 10% less loaded to take the request, so loads within 10%
-///   count as equal: estimates are noisy, and noise should not outvote weights (see below).
+///   endpoint must be more than 10% less loaded, and by at least the latency resolution, to
+///   take the request, so loads within 10% count as equal: estimates are noisy, and noise
+///   should not outvote weights (see below).
 ///   The balancer reads the clock once per pick and once per response.
 ///
 /// # Ties and weights
@@ -58,7 +59,8 @@ use crate::util::rng::split;
 /// than an equally fast light one, lose comparisons, stop getting the responses that would
 /// correct its estimate, and the light endpoint would take most of the traffic (the heavy
 /// one got 8–67% in our tests). So the estimate is that of one copy: a slower response
-/// raises it by `w_min / w` of the difference, and it forgets over 64 responses per copy.
+/// raises it by `w_min / w` of the difference, as it raises the average of the copies' own
+/// peaks.
 /// With weights 99:1 over equally fast endpoints the heavy one gets 99% ± 1%, whether they
 /// answer at once or in 10 ms, one request at a time or eight (`tests/weights.rs`).
 ///
@@ -215,7 +217,8 @@ impl PowerOfTwoChoices {
     }
 
     /// The finest latency difference PeakEWMA acts on: estimates below it count as equal to
-    /// it (default [`DEFAULT_RESOLUTION`](Self::DEFAULT_RESOLUTION), 1 ms, the resolution at
+    /// it, and a cost must be lower by at least this much (besides the 10% margin) to win
+    /// (default [`DEFAULT_RESOLUTION`](Self::DEFAULT_RESOLUTION), 1 ms, the resolution at
     /// which nginx and HAProxy time responses).
     ///
     /// Below a millisecond, what an estimate measures is mostly scheduling noise, and it is
@@ -293,12 +296,20 @@ impl Strategy for PowerOfTwoChoices {
             _ => Sampler::Uniform,
         };
         if let Load::PeakEwma { .. } = self.load {
-            // Each endpoint's estimate is that of one copy of the lightest endpoint.
+            // Each endpoint's estimate is that of one copy of the lightest endpoint. With
+            // unequal weights the copies also forget within a number of their own samples, so
+            // that heavy and light endpoints, sampled at rates as unequal as their weights,
+            // keep comparable estimates; with equal weights time alone decides, as in tower.
             let w_min = weights.iter().copied().min().unwrap_or(1);
+            let forget = if matches!(sampler, Sampler::Weighted { .. }) {
+                WEIGHTED_FORGET_PER_SAMPLE
+            } else {
+                0.0
+            };
             for (i, &w) in weights.iter().enumerate() {
                 endpoints
                     .state(i)
-                    .set_latency_share(f64::from(w_min) / f64::from(w));
+                    .set_latency_model(f64::from(w_min) / f64::from(w), forget);
             }
         }
         let load = match self.load {
@@ -336,6 +347,10 @@ enum PickerLoad {
         resolution_ns: f64,
     },
 }
+
+/// With unequal weights, the least part of the way to a faster response each of a copy's
+/// responses moves its estimate: peaks fade within about 64 of them.
+const WEIGHTED_FORGET_PER_SAMPLE: f64 = 1.0 / 64.0;
 
 /// A PeakEWMA load must be below this fraction of the other's to count as lower.
 const PEAK_EWMA_MARGIN: f64 = 0.9;
@@ -462,9 +477,12 @@ impl PowerOfTwoChoicesPicker {
         }
         match self.load {
             PickerLoad::InFlight => self.in_flight(second, &b) < self.in_flight(first, &a),
-            PickerLoad::PeakEwma { .. } => {
+            PickerLoad::PeakEwma { resolution_ns, .. } => {
                 let now = cx.now();
-                self.cost(second, &b, now) < self.cost(first, &a, now) * PEAK_EWMA_MARGIN
+                let (to_beat, cost) = (self.cost(first, &a, now), self.cost(second, &b, now));
+                // Lower by the margin, and by at least the resolution: a difference finer
+                // than it is noise too.
+                cost < to_beat * PEAK_EWMA_MARGIN && to_beat - cost >= resolution_ns
             }
         }
     }
