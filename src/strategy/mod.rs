@@ -310,11 +310,13 @@ pub struct Endpoint<'a> {
 
 impl Endpoint<'_> {
     /// Requests currently in flight to this endpoint, from every clone of the balancer.
+    #[inline]
     pub fn in_flight(&self) -> u64 {
         self.state.in_flight()
     }
 
     /// The endpoint's weight; at least 1.
+    #[inline]
     pub fn weight(&self) -> u32 {
         self.state.weight()
     }
@@ -323,16 +325,19 @@ impl Endpoint<'_> {
     /// key's `Debug` form, e.g. `127.0.0.1:8080` for a `SocketAddr`). Hashing strategies place
     /// endpoints by it, so every process with the same endpoints builds the same table
     /// whatever the discovery order.
+    #[inline]
     pub fn identity(&self) -> &str {
         self.state.identity()
     }
 
     /// Requests dispatched to this endpoint so far.
+    #[inline]
     pub fn picks(&self) -> u64 {
         self.state.picks()
     }
 
     /// Requests and readiness checks that failed so far.
+    #[inline]
     pub fn failures(&self) -> u64 {
         self.state.failures()
     }
@@ -340,6 +345,7 @@ impl Endpoint<'_> {
     /// Responses that failed in a row, most recent first; a success resets it. Load-aware
     /// strategies hold it against the endpoint so that one that fails fast does not look
     /// idle and attract traffic.
+    #[inline]
     pub fn consecutive_failures(&self) -> u32 {
         self.state.consecutive_failures()
     }
