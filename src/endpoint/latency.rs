@@ -217,6 +217,14 @@ impl EndpointState {
     pub(crate) fn rtt_estimate(&self, now: u64, decay_ns: f64) -> Option<f64> {
         self.rtt.get(now, decay_ns)
     }
+
+    /// The latency estimate as last updated, before it decays: at least
+    /// [`rtt_estimate`](Self::rtt_estimate) at any later time, and cheaper to read.
+    #[inline]
+    pub(crate) fn rtt_undecayed(&self) -> Option<f64> {
+        let estimate = f64::from_bits(self.rtt.rtt_ns.load(Ordering::Relaxed));
+        (estimate != 0.0).then_some(estimate)
+    }
 }
 
 #[cfg(all(test, not(tower_lb_loom)))]
