@@ -57,8 +57,8 @@ pin_project! {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Timed {
     clock: Clock,
-    /// The PeakEWMA decay in nanoseconds; 0 when latencies are not measured.
-    decay_ns: f64,
+    /// The PeakEWMA decay rate, `1 / decay_ns`; 0 when latencies are not measured.
+    rate: f64,
     /// Waits from this one on count as the endpoint's failure; `u64::MAX` when not counted.
     abandon_after_ns: u64,
 }
@@ -72,7 +72,7 @@ impl Timed {
     ) -> Option<Self> {
         (decay_ns.is_some() || abandon_after_ns.is_some()).then_some(Self {
             clock,
-            decay_ns: decay_ns.unwrap_or(0.0),
+            rate: decay_ns.map_or(0.0, |decay_ns| 1.0 / decay_ns),
             abandon_after_ns: abandon_after_ns.unwrap_or(u64::MAX),
         })
     }
@@ -100,10 +100,10 @@ pub(crate) struct Timing {
 impl Timing {
     /// The response arrived (or failed): a latency sample.
     fn answered(&self, guard: &InFlightGuard) {
-        let decay = self.timed.decay_ns;
-        if decay > 0.0 {
+        let rate = self.timed.rate;
+        if rate > 0.0 {
             let now = self.timed.now();
-            guard.record_rtt(now.saturating_sub(self.start) as f64, now, decay);
+            guard.record_rtt_at_rate(now.saturating_sub(self.start) as f64, now, rate);
         }
     }
 
@@ -113,9 +113,9 @@ impl Timing {
     fn abandoned(&self, guard: &InFlightGuard) {
         let now = self.timed.now();
         let waited = now.saturating_sub(self.start);
-        let decay = self.timed.decay_ns;
-        if decay > 0.0 {
-            guard.record_rtt(waited as f64, now, decay);
+        let rate = self.timed.rate;
+        if rate > 0.0 {
+            guard.record_rtt_at_rate(waited as f64, now, rate);
         }
         if waited >= self.timed.abandon_after_ns {
             guard.record_failure();

@@ -149,7 +149,7 @@ impl Estimate {
         let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
         // Without samples the estimate decays toward zero, so an endpoint that stopped
         // getting traffic because it looked slow is tried again eventually.
-        Some(estimate * kept(elapsed, decay_ns))
+        Some(estimate * kept(elapsed, 1.0 / decay_ns))
     }
 
     /// Folds a latency sample in: a sample above the estimate replaces it (the peak), up to
@@ -158,7 +158,9 @@ impl Estimate {
     /// below decays it toward the sample with time constant `decay_ns` (and, when a picker
     /// asked for it, at least a set part of the way per copy's sample). Concurrent updates
     /// race benignly: the last writer wins, as in any EWMA that drops a sample.
-    pub(super) fn record(&self, sample_ns: f64, now: u64, decay_ns: f64) {
+    ///
+    /// `rate` is `1 / decay_ns`, worked out once per table rather than divided per response.
+    pub(super) fn record(&self, sample_ns: f64, now: u64, rate: f64) {
         let sample_ns = sample_ns.max(1.0);
         let estimate = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let share = f64::from_bits(self.share.load(Ordering::Relaxed));
@@ -171,7 +173,7 @@ impl Estimate {
         } else {
             let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
             let forget = f64::from_bits(self.forget.load(Ordering::Relaxed));
-            let keep = kept(elapsed, decay_ns).min(1.0 - share * forget);
+            let keep = kept(elapsed, rate).min(1.0 - share * forget);
             estimate * keep + sample_ns * (1.0 - keep)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -183,18 +185,19 @@ impl Estimate {
 /// far below the last bit of the result.
 const SERIES_BELOW: f64 = 1.0 / 1024.0;
 
-/// `exp(-elapsed / decay_ns)`: the share of an estimate left after `elapsed` nanoseconds.
+/// `exp(-elapsed × rate)`: the share of an estimate left after `elapsed` nanoseconds when it
+/// decays at `rate` (`1 / decay_ns`).
 ///
 /// Requests come micro- or milliseconds apart and estimates decay over seconds, so the
 /// exponent is nearly always tiny; there a short series gives the same value as `exp` (to
 /// its rounding) at a fraction of the cost. Larger exponents, an endpoint idle for a while,
 /// take `exp`.
 #[inline]
-fn kept(elapsed: u64, decay_ns: f64) -> f64 {
+fn kept(elapsed: u64, rate: f64) -> f64 {
     if elapsed == 0 {
         return 1.0;
     }
-    let x = -(elapsed as f64) / decay_ns;
+    let x = -(elapsed as f64) * rate;
     if x > -SERIES_BELOW {
         1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
     } else {
@@ -249,12 +252,12 @@ mod tests {
             1e12 as u64,
         ] {
             let exact = (-(elapsed as f64) / decay).exp();
-            let fast = kept(elapsed, decay);
+            let fast = kept(elapsed, 1.0 / decay);
             assert!(
                 (fast - exact).abs() <= 4.0 * f64::EPSILON * exact,
                 "{elapsed}: {fast} vs {exact}"
             );
         }
-        assert_eq!(kept(0, decay), 1.0);
+        assert_eq!(kept(0, 1.0 / decay), 1.0);
     }
 }

@@ -357,6 +357,13 @@ impl Endpoint<'_> {
     pub fn latency_estimate(&self, now: u64, decay: std::time::Duration) -> Option<f64> {
         self.state.rtt_estimate(now, decay_ns(decay))
     }
+
+    /// The latency estimate as last updated, before it decays: never below
+    /// [`latency_estimate`](Self::latency_estimate) at a later time, and cheaper to read.
+    #[inline]
+    pub(crate) fn latency_undecayed(&self) -> Option<f64> {
+        self.state.rtt_undecayed()
+    }
 }
 
 /// A decay time in nanoseconds, at least 1 so that estimates never divide by zero. Seconds and
