@@ -65,6 +65,8 @@ impl InFlightGuard {
         self.state().record_response_success();
     }
 
+    /// Folds a latency sample in, the decay given as a time constant (tests' convenience).
+    #[cfg(test)]
     pub(crate) fn record_rtt(&self, sample_ns: f64, now: u64, decay_ns: f64) {
         self.record_rtt_at_rate(sample_ns, now, 1.0 / decay_ns);
     }
