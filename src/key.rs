@@ -143,7 +143,7 @@ impl KeyHasher {
     }
 
     /// Feeds bytes of the key.
-    #[inline]
+    #[inline(always)]
     pub fn write(&mut self, bytes: &[u8]) {
         match &mut self.kind {
             Kind::Crc32(crc) => *crc = crc32_update(*crc, bytes),
@@ -156,6 +156,7 @@ impl KeyHasher {
     }
 
     /// The hash of everything written.
+    #[inline]
     pub fn finish(&self) -> u64 {
         match self.kind {
             Kind::Crc32(crc) => u64::from(!crc),
@@ -179,6 +180,7 @@ impl fmt::Write for KeyHasher {
 }
 
 /// The splitmix64 finaliser: spreads FNV's weak high bits over the whole word.
+#[inline]
 pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

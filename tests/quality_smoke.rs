@@ -103,16 +103,19 @@ fn a_failing_backend_answers_errors_only_in_the_middle_third() {
 
 #[test]
 fn least_time_passes_over_a_slow_backend_that_least_connections_keeps_using() {
-    let slow = scenario("one-10x-slow");
-    let lc = simulate(
+    // Long enough that the slow backend's share is a few hundred requests, not a handful.
+    let (slow, n) = (scenario("one-10x-slow"), 15_000);
+    let lc = simulate_n(
         &slow,
         "least-conn",
         &ours(tower_lb::strategy::LeastConnections::new()),
+        n,
     );
-    let lt = simulate(
+    let lt = simulate_n(
         &slow,
         "least-time",
         &ours(tower_lb::strategy::LeastTime::new()),
+        n,
     );
     // Least connections sends the slow backend a request whenever it is the least loaded;
     // least time holds it against the others' latency.

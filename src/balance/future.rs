@@ -11,7 +11,8 @@ use tower_service::Service;
 
 use crate::classify::{is_caller_error, EndpointError};
 use crate::completion::{CompleteOnResponse, TrackCompletion};
-use crate::endpoint::{clock, InFlightGuard};
+use crate::endpoint::clock::Clock;
+use crate::endpoint::InFlightGuard;
 use crate::error::Error;
 
 pin_project! {
@@ -49,41 +50,60 @@ pin_project! {
     }
 }
 
-/// What a request measures from its dispatch: its latency, into the endpoint's PeakEWMA
-/// estimate, and how long it waited if it is abandoned. `None` (no clock read) when neither is
-/// asked for.
+/// What a balancer measures of its requests, if anything: latencies into the endpoints'
+/// PeakEWMA estimates (when the picker asks for them), and how long an abandoned request
+/// waited (when configured). Worked out once per table, so that an untimed request reads no
+/// clock and checks one flag.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Timing {
-    start: u64,
-    decay_ns: Option<f64>,
-    abandon_after_ns: Option<u64>,
+pub(crate) struct Timed {
+    clock: Clock,
+    /// The PeakEWMA decay rate, `1 / decay_ns`; 0 when latencies are not measured.
+    rate: f64,
+    /// Waits from this one on count as the endpoint's failure; `u64::MAX` when not counted.
+    abandon_after_ns: u64,
 }
 
-impl Timing {
-    /// The clock reading a dispatch needs, if it needs one.
-    #[inline]
-    pub(crate) fn needed(decay_ns: Option<f64>, abandon_after_ns: Option<u64>) -> bool {
-        decay_ns.is_some() || abandon_after_ns.is_some()
-    }
-
-    #[inline]
+impl Timed {
+    /// What to measure, or `None` when neither is asked for.
     pub(crate) fn new(
-        start: u64,
+        clock: Clock,
         decay_ns: Option<f64>,
         abandon_after_ns: Option<u64>,
     ) -> Option<Self> {
-        Self::needed(decay_ns, abandon_after_ns).then_some(Self {
-            start,
-            decay_ns,
-            abandon_after_ns,
+        (decay_ns.is_some() || abandon_after_ns.is_some()).then_some(Self {
+            clock,
+            rate: decay_ns.map_or(0.0, |decay_ns| 1.0 / decay_ns),
+            abandon_after_ns: abandon_after_ns.unwrap_or(u64::MAX),
         })
     }
 
+    /// The clock's time now.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// Starts timing a request dispatched at `start` (a reading of [`Timed::now`]).
+    #[inline]
+    pub(crate) fn start(self, start: u64) -> Timing {
+        Timing { start, timed: self }
+    }
+}
+
+/// What a request measures from its dispatch; see [`Timed`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    start: u64,
+    timed: Timed,
+}
+
+impl Timing {
     /// The response arrived (or failed): a latency sample.
     fn answered(&self, guard: &InFlightGuard) {
-        if let Some(decay) = self.decay_ns {
-            let now = clock::now_ns();
-            guard.record_rtt(now.saturating_sub(self.start) as f64, now, decay);
+        let rate = self.timed.rate;
+        if rate > 0.0 {
+            let now = self.timed.now();
+            guard.record_rtt_at_rate(now.saturating_sub(self.start) as f64, now, rate);
         }
     }
 
@@ -91,12 +111,13 @@ impl Timing {
     /// peak, so an endpoint that hangs stops looking idle though none of its requests ever
     /// completes; and after a long enough wait it counts as the endpoint's failure.
     fn abandoned(&self, guard: &InFlightGuard) {
-        let now = clock::now_ns();
+        let now = self.timed.now();
         let waited = now.saturating_sub(self.start);
-        if let Some(decay) = self.decay_ns {
-            guard.record_rtt(waited as f64, now, decay);
+        let rate = self.timed.rate;
+        if rate > 0.0 {
+            guard.record_rtt_at_rate(waited as f64, now, rate);
         }
-        if self.abandon_after_ns.is_some_and(|after| waited >= after) {
+        if waited >= self.timed.abandon_after_ns {
             guard.record_failure();
         }
     }
@@ -118,6 +139,7 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
+    #[inline]
     pub(crate) fn called(
         future: S::Future,
         guard: InFlightGuard,
@@ -164,18 +186,16 @@ where
 {
     type Output = Result<C::Output, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = match this.state.project() {
             StateProj::Called { future } => ready!(future.poll(cx)),
             StateProj::Readying { oneshot } => ready!(oneshot.poll(cx)),
-            StateProj::Failed { error } => {
-                let error = error.take().unwrap_or(Error::NotReady);
-                return Poll::Ready(Err(error.into()));
-            }
+            StateProj::Failed { error } => return Poll::Ready(Err(failed(error))),
         };
         let Some(guard) = this.guard.take() else {
-            return Poll::Ready(Err("response future polled after completion".into()));
+            return Poll::Ready(Err(polled_again()));
         };
         if let Some(timing) = this.timing {
             timing.answered(&guard);
@@ -186,15 +206,32 @@ where
             Ok(response) => Ok(this.completion.track(guard, response)),
             // Dropping the guard releases the endpoint now, not when the caller drops the
             // finished future.
-            Err(error) => {
-                let error: BoxError = error.into();
-                if !is_caller_error(&*error) {
-                    guard.record_failure();
-                }
-                Err(EndpointError::new(guard.endpoint(), error).into())
-            }
+            Err(error) => Err(endpoint_failed(guard, error.into())),
         })
     }
+}
+
+/// The balancer could not dispatch the request: why.
+#[cold]
+#[inline(never)]
+fn failed(error: &mut Option<Error>) -> BoxError {
+    error.take().unwrap_or(Error::NotReady).into()
+}
+
+#[cold]
+#[inline(never)]
+fn polled_again() -> BoxError {
+    "response future polled after completion".into()
+}
+
+/// The endpoint's call failed: counted against it unless the caller caused it, and named.
+#[cold]
+#[inline(never)]
+fn endpoint_failed(guard: InFlightGuard, error: BoxError) -> BoxError {
+    if !is_caller_error(&*error) {
+        guard.record_failure();
+    }
+    EndpointError::new(guard.endpoint(), error).into()
 }
 
 impl<S: Service<Req>, Req, C> std::fmt::Debug for ResponseFuture<S, Req, C> {

@@ -17,6 +17,7 @@ use crate::completion::CompleteOnResponse;
 use crate::control::driver::Driver;
 use crate::control::table::Snapshot;
 use crate::control::Shared;
+use crate::endpoint::clock::Clock;
 use crate::error::ConfigError;
 use crate::health::{OutlierDetection, Passive, SlowStart};
 use crate::key::{Keyed, NoKey};
@@ -70,6 +71,7 @@ where
         key,
         wait_for_endpoints: config.wait_for_endpoints,
         abandon_after_ns: config.abandon_after.map(|d| d.as_nanos() as u64),
+        clock: Clock::detect(decay.is_some() || config.abandon_after.is_some()),
         clones: CachePadded(AtomicU64::new(0)),
         rotation_base,
         seed_base,
@@ -93,6 +95,7 @@ where
         clone_state(&shared.front),
         NO_VERSION,
         None,
+        shared.front.clock,
         shared.front.abandon_after_ns,
     );
     Balance {

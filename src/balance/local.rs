@@ -15,12 +15,12 @@ use tower::util::Oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::future::{ResponseFuture, Timing};
+use super::future::{ResponseFuture, Timed};
 use super::wait::Waiting;
 use super::Front;
 use crate::control::table::{Snapshot, Source, Table, FAILED};
 use crate::control::{Message, Shared};
-use crate::endpoint::clock;
+use crate::endpoint::clock::Clock;
 use crate::error::Error;
 use crate::key::MaybeKey;
 use crate::strategy::{Endpoints, LocalState, PickContext, Picker};
@@ -49,8 +49,12 @@ pub(super) struct Local<S, P: Picker> {
     pub(super) snapshot: Option<Arc<Snapshot<S, P>>>,
     copies: Copies<S>,
     pub(super) reserved: Reserved,
+    /// What this table's requests measure, if anything (from the picker and the balancer).
+    timed: Option<Timed>,
     /// The clock reading of the reserving pick, when requests are timed.
     picked_at: u64,
+    /// The balancer's clock.
+    clock: Clock,
     /// A request abandoned after this long counts as its endpoint's failure.
     abandon_after_ns: Option<u64>,
     pick: LocalState,
@@ -67,20 +71,28 @@ impl<S, P: Picker> Local<S, P> {
 }
 
 impl<S: Clone, P: Picker> Local<S, P> {
-    /// A clone's state, starting from `snapshot` (of `version`) if it has one.
+    /// A clone's state, starting from `snapshot` (of `version`) if it has one. Inline: a
+    /// clone per request makes one per request, and a returned copy of it costs.
+    #[inline]
     pub(super) fn new(
         pick: LocalState,
         version: u64,
         snapshot: Option<Arc<Snapshot<S, P>>>,
+        clock: Clock,
         abandon_after_ns: Option<u64>,
     ) -> Self {
+        let timed = snapshot
+            .as_deref()
+            .and_then(|s| Timed::new(clock, s.latency_decay_ns, abandon_after_ns));
         Self {
-            abandon_after_ns,
             version,
             snapshot,
             copies: Copies::new(),
             reserved: Reserved::None,
+            timed,
             picked_at: 0,
+            clock,
+            abandon_after_ns,
             pick,
             picker_local: P::Local::default(),
             wait: None,
@@ -99,6 +111,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         } else {
             self.copies.retain(&snapshot.members);
         }
+        self.timed = Timed::new(self.clock, snapshot.latency_decay_ns, self.abandon_after_ns);
         self.snapshot = Some(snapshot);
         self.version = version;
         self.reserved = Reserved::None;
@@ -113,6 +126,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     ///
     /// The snapshot is borrowed, not cloned: an `Arc` clone per request would be two atomic
     /// operations on a cache line every clone on every thread shares.
+    #[inline(always)]
     pub(super) fn pick_ready<Req>(
         &mut self,
         cx: &mut Context<'_>,
@@ -122,16 +136,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
-        let Local {
-            snapshot,
-            copies,
-            pick,
-            picker_local,
-            picked_at,
-            abandon_after_ns,
-            ..
-        } = self;
-        let Some(snapshot) = snapshot.as_deref() else {
+        let Some(snapshot) = self.snapshot.as_deref() else {
             return Poll::Ready(None);
         };
         let endpoints = Endpoints::new(&snapshot.endpoints);
@@ -139,15 +144,52 @@ impl<S: Clone, P: Picker> Local<S, P> {
         if n == 0 {
             return Poll::Ready(None);
         }
-        let now = if Timing::needed(snapshot.latency_decay_ns, *abandon_after_ns) {
-            clock::now_ns()
-        } else {
-            0
+        let now = match &self.timed {
+            Some(timed) => {
+                let now = timed.now();
+                self.picked_at = now;
+                now
+            }
+            None => 0,
         };
-        *picked_at = now;
-        let mut pending = false;
-        for _ in 0..3 {
-            let mut pick_cx = PickContext::new(pick, picker_local);
+        // The common case, inline: the picker's first choice is ready.
+        let mut pick_cx = PickContext::new(&mut self.pick, &mut self.picker_local);
+        pick_cx.now = now;
+        let first = snapshot.picker.pick(&endpoints, &mut pick_cx);
+        let pending = match first {
+            Some(index) if index < n => {
+                match poll_endpoint::<S, P, Req>(snapshot, &mut self.copies, index, cx, messages) {
+                    Poll::Ready(true) => return Poll::Ready(Some(index)),
+                    Poll::Ready(false) => false,
+                    Poll::Pending => true,
+                }
+            }
+            _ => return self.scan::<Req>(cx, messages, false),
+        };
+        self.pick_again::<Req>(now, pending, cx, messages)
+    }
+
+    /// The picker's first choice was not ready: ask it twice more, then scan.
+    #[cold]
+    #[inline(never)]
+    fn pick_again<Req>(
+        &mut self,
+        now: u64,
+        mut pending: bool,
+        cx: &mut Context<'_>,
+        messages: &mpsc::UnboundedSender<Message>,
+    ) -> Poll<Option<usize>>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+    {
+        let Some(snapshot) = self.snapshot.as_deref() else {
+            return Poll::Ready(None);
+        };
+        let endpoints = Endpoints::new(&snapshot.endpoints);
+        let n = endpoints.len();
+        for _ in 0..2 {
+            let mut pick_cx = PickContext::new(&mut self.pick, &mut self.picker_local);
             pick_cx.now = now;
             let Some(index) = snapshot.picker.pick(&endpoints, &mut pick_cx) else {
                 break;
@@ -155,16 +197,40 @@ impl<S: Clone, P: Picker> Local<S, P> {
             if index >= n {
                 break;
             }
-            match poll_endpoint::<S, P, Req>(snapshot, copies, index, cx, messages) {
+            match poll_endpoint::<S, P, Req>(snapshot, &mut self.copies, index, cx, messages) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
             }
         }
-        let start = pick.rng.below(n);
+        self.scan::<Req>(cx, messages, pending)
+    }
+
+    /// Polls every endpoint from a random one on for one that is ready; `pending` says
+    /// whether one polled before was pending.
+    #[cold]
+    #[inline(never)]
+    fn scan<Req>(
+        &mut self,
+        cx: &mut Context<'_>,
+        messages: &mpsc::UnboundedSender<Message>,
+        mut pending: bool,
+    ) -> Poll<Option<usize>>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+    {
+        let Some(snapshot) = self.snapshot.as_deref() else {
+            return Poll::Ready(None);
+        };
+        let n = snapshot.endpoints.len();
+        if n == 0 {
+            return Poll::Ready(None);
+        }
+        let start = self.pick.rng.below(n);
         for offset in 0..n {
             let index = (start + offset) % n;
-            match poll_endpoint::<S, P, Req>(snapshot, copies, index, cx, messages) {
+            match poll_endpoint::<S, P, Req>(snapshot, &mut self.copies, index, cx, messages) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
@@ -182,7 +248,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let Some(snapshot) = self.snapshot.as_deref() else {
             return false;
         };
-        let unavailable = snapshot.unavailable();
+        let unavailable = snapshot.unavailable;
         snapshot
             .endpoints
             .iter()
@@ -196,6 +262,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     /// maps. If that endpoint was removed, drained or ejected since, or its service replaced,
     /// the request goes to another one instead (readied in the response future), never to
     /// that endpoint's old service.
+    #[inline(always)]
     pub(super) fn call<K, Kx, C, Req>(
         &mut self,
         request: Req,
@@ -209,41 +276,55 @@ impl<S: Clone, P: Picker> Local<S, P> {
     {
         let reserved = std::mem::replace(&mut self.reserved, Reserved::None);
         match reserved {
-            Reserved::None => ResponseFuture::failed(Error::NotReady, completion.clone()),
             Reserved::Endpoint(index) => match self.call_reserved(index, request, completion) {
                 Ok(future) => future,
                 Err(request) => self.redirect(request, None, shared, completion),
             },
-            Reserved::Keyed => {
-                let Some(snapshot) = self.snapshot.as_deref() else {
-                    return ResponseFuture::failed(Error::NotReady, completion.clone());
-                };
-                let mut hasher = snapshot.picker.key_hasher();
-                let key_hash = shared
-                    .front
-                    .key
-                    .hash_key(&request, &mut hasher)
-                    .then(|| hasher.finish());
-                let Some(index) = self.pick(key_hash) else {
-                    // No choice: for a request without a key, say so.
-                    let error = if key_hash.is_none() {
-                        Error::MissingKey
-                    } else {
-                        Error::NoEndpoints
-                    };
-                    return ResponseFuture::failed(error, completion.clone());
-                };
-                match self.dispatch(index, request, false, completion) {
-                    Ok(future) => future,
-                    Err(request) => self.redirect(request, key_hash, shared, completion),
-                }
-            }
+            Reserved::Keyed => self.call_keyed(request, shared, completion),
+            Reserved::None => ResponseFuture::failed(Error::NotReady, completion.clone()),
+        }
+    }
+
+    /// Sends a keyed request where its key maps.
+    #[inline(always)]
+    fn call_keyed<K, Kx, C, Req>(
+        &mut self,
+        request: Req,
+        shared: &Shared<K, S, P, Front<Kx>>,
+        completion: &C,
+    ) -> ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+        Kx: MaybeKey<Req>,
+        C: Clone,
+    {
+        let Some(snapshot) = self.snapshot.as_deref() else {
+            return ResponseFuture::failed(Error::NotReady, completion.clone());
+        };
+        let mut hasher = snapshot.picker.key_hasher();
+        let key_hash = shared
+            .front
+            .key
+            .hash_key(&request, &mut hasher)
+            .then(|| hasher.finish());
+        let Some(index) = self.pick(key_hash) else {
+            // No choice: for a request without a key, say so.
+            let error = if key_hash.is_none() {
+                Error::MissingKey
+            } else {
+                Error::NoEndpoints
+            };
+            return ResponseFuture::failed(error, completion.clone());
+        };
+        match self.dispatch(index, request, false, completion) {
+            Ok(future) => future,
+            Err(request) => self.redirect(request, key_hash, shared, completion),
         }
     }
 
     /// Calls the copy `poll_ready` readied, unless its endpoint became unavailable since;
     /// then the request comes back.
-    #[inline]
+    #[inline(always)]
     fn call_reserved<Req, C: Clone>(
         &mut self,
         index: usize,
@@ -264,14 +345,10 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let Some(service) = self.copies.live(source.slot, source.id) else {
             return Err(request);
         };
-        let Some(guard) = handle.try_dispatch(snapshot.unavailable(), source.id) else {
+        let Some(guard) = handle.try_dispatch(snapshot.unavailable, source.id) else {
             return Err(request);
         };
-        let timing = Timing::new(
-            self.picked_at,
-            snapshot.latency_decay_ns,
-            self.abandon_after_ns,
-        );
+        let timing = self.timed.map(|timed| timed.start(self.picked_at));
         Ok(ResponseFuture::called(
             service.call(request),
             guard,
@@ -284,6 +361,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     /// of its service: called at once if it is ready; else readied by the response future,
     /// unless `ready_now` asks for an endpoint that is ready at once. The request comes back
     /// if the endpoint is unavailable (or not ready, with `ready_now`).
+    #[inline(always)]
     fn dispatch<Req, C: Clone>(
         &mut self,
         index: usize,
@@ -302,7 +380,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         else {
             return Err(request);
         };
-        let unavailable = snapshot.unavailable();
+        let unavailable = snapshot.unavailable;
         if handle.flags() & unavailable != 0 || !handle.serves(source.id) {
             return Err(request);
         }
@@ -318,15 +396,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let Some(guard) = handle.try_dispatch(unavailable, source.id) else {
             return Err(request);
         };
-        let timing = if Timing::needed(snapshot.latency_decay_ns, self.abandon_after_ns) {
-            Timing::new(
-                clock::now_ns(),
-                snapshot.latency_decay_ns,
-                self.abandon_after_ns,
-            )
-        } else {
-            None
-        };
+        let timing = self.timed.map(|timed| timed.start(timed.now()));
         Ok(if ready {
             ResponseFuture::called(service.call(request), guard, timing, completion.clone())
         } else {
@@ -402,6 +472,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     }
 
     /// Asks the picker for one choice, with the request's key hash for keyed pickers.
+    #[inline(always)]
     fn pick(&mut self, key_hash: Option<u64>) -> Option<usize> {
         let snapshot = self.snapshot.as_deref()?;
         let endpoints = Endpoints::new(&snapshot.endpoints);
@@ -411,7 +482,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let mut cx = PickContext::new(&mut self.pick, &mut self.picker_local);
         cx.key_hash = key_hash;
         if snapshot.latency_decay_ns.is_some() {
-            cx.now = clock::now_ns();
+            cx.now = self.clock.now_ns();
         }
         snapshot
             .picker
@@ -423,7 +494,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
 /// Polls endpoint `index` for readiness through this clone's copy of its service. A failed
 /// endpoint is counted, never polled or called by this clone again, and reported to the
 /// discovery task.
-#[inline]
+#[inline(always)]
 fn poll_endpoint<S, P, Req>(
     snapshot: &Snapshot<S, P>,
     copies: &mut Copies<S>,
@@ -437,7 +508,7 @@ where
 {
     let handle = &snapshot.endpoints[index];
     let source = &snapshot.sources[index];
-    if handle.flags() & snapshot.unavailable() != 0 || !handle.serves(source.id) {
+    if handle.flags() & snapshot.unavailable != 0 || !handle.serves(source.id) {
         return Poll::Ready(false);
     }
     let copy = copies.get_or_copy(source, snapshot.members.len());
@@ -503,9 +574,10 @@ struct Copies<S> {
 }
 
 impl<S> Copies<S> {
+    #[inline]
     fn new() -> Self {
         Self {
-            few: std::array::from_fn(|_| Copy::EMPTY),
+            few: [Copy::EMPTY; FEW],
             by_slot: Vec::new(),
         }
     }
@@ -531,7 +603,7 @@ impl<S> Copies<S> {
     }
 
     /// The copy of service `id` in `slot`, if this clone has it.
-    #[inline]
+    #[inline(always)]
     fn find(&mut self, slot: u32, id: u64) -> Option<&mut Copy<S>> {
         if self.by_slot.is_empty() {
             self.few.iter_mut().find(|c| c.is(slot, id))
@@ -541,21 +613,43 @@ impl<S> Copies<S> {
     }
 
     /// The copy of service `id` in `slot`, if this clone has it and it has not failed.
-    #[inline]
+    #[inline(always)]
     fn live(&mut self, slot: u32, id: u64) -> Option<&mut S> {
         self.find(slot, id)?.service.as_mut()
     }
 
+    /// Whether this clone's copy of service `id` in `slot` failed: O(1), like [`Copies::find`].
     fn is_dead(&self, slot: u32, id: u64) -> bool {
-        self.entries()
-            .iter()
-            .any(|c| c.is(slot, id) && c.service.is_none())
+        let copy = if self.by_slot.is_empty() {
+            self.few.iter().find(|c| c.is(slot, id))
+        } else {
+            self.by_slot.get(slot as usize).filter(|c| c.id == id)
+        };
+        copy.is_some_and(|c| c.service.is_none())
     }
 
     /// This clone's copy of `source`, made now if it has none (or one of a replaced service).
     /// `slots` is the table's slot count, the size of the by-slot table if one is made.
-    #[inline]
+    #[inline(always)]
     fn get_or_copy(&mut self, source: &Source<S>, slots: usize) -> &mut Copy<S>
+    where
+        S: Clone,
+    {
+        let slot = source.slot as usize;
+        if !self.by_slot.is_empty() {
+            if slot < self.by_slot.len() && self.by_slot[slot].id == source.id {
+                return &mut self.by_slot[slot];
+            }
+        } else if let Some(at) = self.few.iter().position(|c| c.is(source.slot, source.id)) {
+            return &mut self.few[at];
+        }
+        self.copy(source, slots)
+    }
+
+    /// [`Copies::get_or_copy`] when this clone has no copy of `source` yet.
+    #[cold]
+    #[inline(never)]
+    fn copy(&mut self, source: &Source<S>, slots: usize) -> &mut Copy<S>
     where
         S: Clone,
     {

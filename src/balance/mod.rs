@@ -58,6 +58,8 @@ pub(crate) struct Front<Kx> {
     pub(crate) wait_for_endpoints: Option<Duration>,
     /// A request abandoned after this long counts as its endpoint's failure.
     pub(crate) abandon_after_ns: Option<u64>,
+    /// What the balancer's requests are timed with.
+    pub(crate) clock: crate::endpoint::clock::Clock,
     /// Clones made so far, to seed each one's generator differently and to start its
     /// rotation one step after the previous clone's. Bumped by every clone, so kept off the
     /// cache lines every request reads.

@@ -181,6 +181,7 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S, Req, C>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         const {
             assert!(
@@ -209,13 +210,16 @@ where
         match usable {
             Some(reserved) => {
                 self.local.reserved = reserved;
-                self.local.wait = None;
+                if self.local.wait.is_some() {
+                    self.local.wait = None;
+                }
                 Poll::Ready(Ok(()))
             }
             None => self.poll_no_endpoints(self.local.version, cx),
         }
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         self.local.call(request, &self.shared, &self.completion)
     }
@@ -242,6 +246,7 @@ where
                 clone_state(&self.shared.front),
                 version,
                 snapshot,
+                self.shared.front.clock,
                 self.shared.front.abandon_after_ns,
             ),
             completion: self.completion.clone(),

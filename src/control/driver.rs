@@ -13,7 +13,7 @@ use tower::discover::{Change, Discover};
 use tower::BoxError;
 
 use super::registry::Registry;
-use super::table::{Snapshot, Source};
+use super::table::{self, Snapshot, Source};
 use super::{Message, Shared};
 use crate::endpoint::{EndpointHandle, FailureReport, EJECTED};
 use crate::health::outlier::Ejector;
@@ -426,7 +426,7 @@ where
             keyed: picker.is_keyed(),
             latency_decay_ns: picker.latency_decay().map(decay_ns),
             picker,
-            honor_ejection: !panic,
+            unavailable: table::unavailable(!panic),
         });
         shared.published.notify_waiters();
     }

@@ -44,8 +44,9 @@ pub(crate) struct Snapshot<S, P> {
     pub(crate) keyed: bool,
     /// `picker.latency_decay()` in nanoseconds, asked once per table.
     pub(crate) latency_decay_ns: Option<f64>,
-    /// False in panic mode, when ejected endpoints are picked too.
-    pub(crate) honor_ejection: bool,
+    /// The flags that keep an endpoint of this table from new requests: ejection does not
+    /// in panic mode, when ejected endpoints are picked too.
+    pub(crate) unavailable: u32,
 }
 
 impl<S, P> Snapshot<S, P> {
@@ -59,16 +60,15 @@ impl<S, P> Snapshot<S, P> {
             picker,
             keyed,
             latency_decay_ns,
-            honor_ejection: true,
+            unavailable: unavailable(true),
         }
     }
+}
 
-    /// The flags that keep an endpoint of this table from new requests.
-    #[inline]
-    pub(crate) fn unavailable(&self) -> u32 {
-        let ejected = if self.honor_ejection { EJECTED } else { 0 };
-        BROKEN | DRAINING | REMOVED | ejected
-    }
+/// The flags that keep an endpoint from new requests: ejection too, unless in panic mode.
+pub(crate) fn unavailable(honor_ejection: bool) -> u32 {
+    let ejected = if honor_ejection { EJECTED } else { 0 };
+    BROKEN | DRAINING | REMOVED | ejected
 }
 
 /// Set in the version once the discovery task has failed; no table is published after it.

@@ -65,8 +65,16 @@ impl InFlightGuard {
         self.state().record_response_success();
     }
 
+    /// Folds a latency sample in, the decay given as a time constant (tests' convenience).
+    #[cfg(test)]
     pub(crate) fn record_rtt(&self, sample_ns: f64, now: u64, decay_ns: f64) {
-        self.state().rtt.record(sample_ns, now, decay_ns);
+        self.record_rtt_at_rate(sample_ns, now, 1.0 / decay_ns);
+    }
+
+    /// [`record_rtt`](Self::record_rtt) with the decay as a rate, `1 / decay_ns`.
+    #[inline]
+    pub(crate) fn record_rtt_at_rate(&self, sample_ns: f64, now: u64, rate: f64) {
+        self.state().rtt.record(sample_ns, now, rate);
     }
 
     /// The number of requests in flight to this guard's endpoint, this one included.

@@ -3,17 +3,90 @@
 use super::EndpointState;
 use crate::util::sync::{AtomicU64, Ordering};
 
-/// The balancer's clock: tokio's, so that latency estimates follow a paused test clock.
+/// The clocks requests are timed with.
+///
+/// A balancer times its requests (PeakEWMA latencies, abandoned requests) with a [`Clock`]
+/// chosen when it is built: the CPU's time-stamp counter through `quanta` — a few
+/// nanoseconds a read, where the operating system's monotonic clock costs tens — unless tokio's
+/// clock is paused then (`#[tokio::test(start_paused = true)]`, a simulation), in which case it
+/// follows tokio's clock, so that latencies in tests are the virtual ones. [`now_ns`] is tokio's
+/// clock, for what is timed off the request path.
 pub(crate) mod clock {
     use std::sync::OnceLock;
     use tokio::time::Instant;
 
     static EPOCH: OnceLock<Instant> = OnceLock::new();
 
-    /// Nanoseconds since a process-wide epoch. One clock read.
+    /// Nanoseconds since a process-wide epoch on tokio's clock (which follows a paused test
+    /// clock). One clock read.
     pub(crate) fn now_ns() -> u64 {
         let epoch = *EPOCH.get_or_init(Instant::now);
         Instant::now().saturating_duration_since(epoch).as_nanos() as u64
+    }
+
+    /// The time-stamp counter, calibrated once per process (under a millisecond usually, at
+    /// most 200 ms), and where its nanoseconds start.
+    struct Counter {
+        clock: quanta::Clock,
+        origin: u64,
+    }
+
+    static COUNTER: OnceLock<Counter> = OnceLock::new();
+
+    fn counter() -> &'static Counter {
+        COUNTER.get_or_init(|| {
+            let clock = quanta::Clock::new();
+            let origin = clock.raw();
+            Counter { clock, origin }
+        })
+    }
+
+    /// Nanoseconds since the counter's origin.
+    #[inline]
+    fn counter_ns() -> u64 {
+        let counter = counter();
+        counter
+            .clock
+            .delta_as_nanos(counter.origin, counter.clock.raw())
+    }
+
+    /// A balancer's clock: see the [module docs](self).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Clock {
+        /// The time-stamp counter.
+        Counter,
+        /// tokio's clock, for balancers built while it was paused.
+        Tokio,
+    }
+
+    impl Clock {
+        /// The clock for a balancer built now: tokio's if the current runtime's clock is
+        /// paused, else the counter. `timed` says whether the balancer's requests are timed
+        /// from the start; the counter is then calibrated now, so that no request pays for it.
+        ///
+        /// A paused clock does not move between two reads; a running one moves by the time
+        /// a read takes, which the monotonic clock resolves. (Should it not, the balancer
+        /// follows tokio's clock, which is right either way, only slower.)
+        pub(crate) fn detect(timed: bool) -> Self {
+            let (first, second) = (Instant::now(), Instant::now());
+            if first == second {
+                Clock::Tokio
+            } else {
+                if timed {
+                    counter();
+                }
+                Clock::Counter
+            }
+        }
+
+        /// Nanoseconds on this clock. One clock read.
+        #[inline]
+        pub(crate) fn now_ns(self) -> u64 {
+            match self {
+                Clock::Counter => counter_ns(),
+                Clock::Tokio => now_ns(),
+            }
+        }
     }
 }
 
@@ -73,10 +146,10 @@ impl Estimate {
         if estimate == 0.0 {
             return None;
         }
-        let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed)) as f64;
+        let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
         // Without samples the estimate decays toward zero, so an endpoint that stopped
         // getting traffic because it looked slow is tried again eventually.
-        Some(estimate * (-elapsed / decay_ns).exp())
+        Some(estimate * kept(elapsed, 1.0 / decay_ns))
     }
 
     /// Folds a latency sample in: a sample above the estimate replaces it (the peak), up to
@@ -85,7 +158,9 @@ impl Estimate {
     /// below decays it toward the sample with time constant `decay_ns` (and, when a picker
     /// asked for it, at least a set part of the way per copy's sample). Concurrent updates
     /// race benignly: the last writer wins, as in any EWMA that drops a sample.
-    pub(super) fn record(&self, sample_ns: f64, now: u64, decay_ns: f64) {
+    ///
+    /// `rate` is `1 / decay_ns`, worked out once per table rather than divided per response.
+    pub(super) fn record(&self, sample_ns: f64, now: u64, rate: f64) {
         let sample_ns = sample_ns.max(1.0);
         let estimate = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let share = f64::from_bits(self.share.load(Ordering::Relaxed));
@@ -96,13 +171,37 @@ impl Estimate {
             // barely moves an estimate, while a run of slow responses lifts it within a few.
             estimate + (sample_ns.min(estimate * PEAK_STEP) - estimate) * share
         } else {
-            let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed)) as f64;
+            let elapsed = now.saturating_sub(self.at.load(Ordering::Relaxed));
             let forget = f64::from_bits(self.forget.load(Ordering::Relaxed));
-            let keep = (-elapsed / decay_ns).exp().min(1.0 - share * forget);
+            let keep = kept(elapsed, rate).min(1.0 - share * forget);
             estimate * keep + sample_ns * (1.0 - keep)
         };
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
         self.at.store(now, Ordering::Relaxed);
+    }
+}
+
+/// Below this, `e^x` is its Taylor series up to `x⁴`: the next term, under `2⁻⁵⁰ / 120`, is
+/// far below the last bit of the result.
+const SERIES_BELOW: f64 = 1.0 / 1024.0;
+
+/// `exp(-elapsed × rate)`: the share of an estimate left after `elapsed` nanoseconds when it
+/// decays at `rate` (`1 / decay_ns`).
+///
+/// Requests come micro- or milliseconds apart and estimates decay over seconds, so the
+/// exponent is nearly always tiny; there a short series gives the same value as `exp` (to
+/// its rounding) at a fraction of the cost. Larger exponents, an endpoint idle for a while,
+/// take `exp`.
+#[inline]
+fn kept(elapsed: u64, rate: f64) -> f64 {
+    if elapsed == 0 {
+        return 1.0;
+    }
+    let x = -(elapsed as f64) * rate;
+    if x > -SERIES_BELOW {
+        1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
+    } else {
+        x.exp()
     }
 }
 
@@ -117,7 +216,48 @@ impl EndpointState {
 
     /// The PeakEWMA latency estimate (nanoseconds) decayed to `now`, or `None` before the
     /// first sample.
+    #[inline]
     pub(crate) fn rtt_estimate(&self, now: u64, decay_ns: f64) -> Option<f64> {
         self.rtt.get(now, decay_ns)
+    }
+
+    /// The latency estimate as last updated, before it decays: at least
+    /// [`rtt_estimate`](Self::rtt_estimate) at any later time, and cheaper to read.
+    #[inline]
+    pub(crate) fn rtt_undecayed(&self) -> Option<f64> {
+        let estimate = f64::from_bits(self.rtt.rtt_ns.load(Ordering::Relaxed));
+        (estimate != 0.0).then_some(estimate)
+    }
+}
+
+#[cfg(all(test, not(tower_lb_loom)))]
+mod tests {
+    use super::*;
+
+    /// The series and `exp` agree to within a few units of the last bit where the series is
+    /// used, and `exp` is used beyond.
+    #[test]
+    fn kept_is_exp() {
+        let decay = 10e9;
+        for elapsed in [
+            1,
+            7,
+            1_000,
+            123_456,
+            1_000_000,
+            9_000_000,
+            9_765_625,
+            10_000_000,
+            5e9 as u64,
+            1e12 as u64,
+        ] {
+            let exact = (-(elapsed as f64) / decay).exp();
+            let fast = kept(elapsed, 1.0 / decay);
+            assert!(
+                (fast - exact).abs() <= 4.0 * f64::EPSILON * exact,
+                "{elapsed}: {fast} vs {exact}"
+            );
+        }
+        assert_eq!(kept(0, 1.0 / decay), 1.0);
     }
 }

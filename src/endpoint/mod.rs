@@ -370,7 +370,7 @@ impl EndpointHandle {
     /// draining, has one of the `unavailable` flags, or its service has been replaced. The
     /// request is counted in flight first, so a drain either sees it or is seen by it (see the
     /// [module docs](self)).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn try_dispatch(&self, unavailable: u32, service: u64) -> Option<InFlightGuard> {
         let (guard, draining) = self.enter();
         if draining || self.flags() & unavailable != 0 || !self.serves(service) {
@@ -382,7 +382,7 @@ impl EndpointHandle {
     }
 
     /// Counts one more request in flight; also says whether a drain had started.
-    #[inline]
+    #[inline(always)]
     fn enter(&self) -> (InFlightGuard, bool) {
         let prev = self.refs.fetch_add(1, Ordering::Acquire);
         if prev & IN_FLIGHT_MASK == IN_FLIGHT_MASK {

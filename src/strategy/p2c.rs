@@ -477,7 +477,27 @@ impl PowerOfTwoChoicesPicker {
         }
         match self.load {
             PickerLoad::InFlight => self.in_flight(second, &b) < self.in_flight(first, &a),
-            PickerLoad::PeakEwma { resolution_ns, .. } => {
+            PickerLoad::PeakEwma {
+                resolution_ns,
+                default_rtt_ns,
+                ..
+            } => {
+                // `second` wins only by at least the resolution, and a measured endpoint's
+                // cost is never below the resolution; estimates only decay between updates, so
+                // the last one bounds `first`'s cost. Fast endpoints at low load (the usual
+                // case) are settled without decaying an estimate.
+                let least_second = match b.latency_undecayed() {
+                    Some(_) => resolution_ns,
+                    None => default_rtt_ns * self.in_flight(second, &b) as f64,
+                };
+                let in_flight = self.in_flight(first, &a) as f64;
+                let most_first = match a.latency_undecayed() {
+                    Some(last) => last.max(resolution_ns) * (in_flight + 1.0),
+                    None => default_rtt_ns * in_flight,
+                };
+                if most_first < least_second + resolution_ns {
+                    return false;
+                }
                 let now = cx.now();
                 let (to_beat, cost) = (self.cost(first, &a, now), self.cost(second, &b, now));
                 // Lower by the margin, and by at least the resolution: a difference finer

@@ -70,6 +70,7 @@ impl Maglev {
     }
 
     /// The number of slots.
+    #[inline]
     pub(super) fn len(&self) -> usize {
         match &self.slots {
             Slots::Narrow(slots) => slots.len(),

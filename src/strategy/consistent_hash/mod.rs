@@ -359,7 +359,7 @@ impl Strategy for ConsistentHash {
 impl Picker for ConsistentHashPicker {
     type Local = ();
 
-    #[inline]
+    #[inline(always)]
     fn pick(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {
         let hash = match cx.key_hash() {
             Some(hash) => hash,
@@ -372,14 +372,7 @@ impl Picker for ConsistentHashPicker {
         match (&self.table, &self.bounded) {
             (Table::Maglev(table), None) => table.get(hash),
             (Table::Ring(ring), None) => ring.get(hash),
-            (Table::Maglev(table), Some(bounded)) => {
-                let slot = table.slot(hash)?;
-                bounded.choose(endpoints, table.slots_from(slot))
-            }
-            (Table::Ring(ring), Some(bounded)) => {
-                let position = ring.position(hash)?;
-                bounded.choose(endpoints, ring.clockwise_from(position))
-            }
+            (table, Some(bounded)) => Self::pick_bounded(table, bounded, endpoints, hash),
         }
     }
 
@@ -393,6 +386,27 @@ impl Picker for ConsistentHashPicker {
 }
 
 impl ConsistentHashPicker {
+    /// A pick with bounded loads: the key's endpoint unless it is full, else the next one
+    /// along the table that is not. Out of line, so that unbounded picks stay small.
+    #[inline(never)]
+    fn pick_bounded(
+        table: &Table,
+        bounded: &BoundedLoad,
+        endpoints: &Endpoints<'_>,
+        hash: u64,
+    ) -> Option<usize> {
+        match table {
+            Table::Maglev(table) => {
+                let slot = table.slot(hash)?;
+                bounded.choose(endpoints, table.slots_from(slot))
+            }
+            Table::Ring(ring) => {
+                let position = ring.position(hash)?;
+                bounded.choose(endpoints, ring.clockwise_from(position))
+            }
+        }
+    }
+
     /// [`KeyFallback::RoundRobin`]: the clone's cursor, then the following endpoints when
     /// loads are bounded.
     fn round_robin(&self, endpoints: &Endpoints<'_>, cx: &mut PickContext<'_>) -> Option<usize> {

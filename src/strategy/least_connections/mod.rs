@@ -640,11 +640,25 @@ impl LeastConnectionsPicker {
         if v.passes_left == 0 || n < 2 {
             return false;
         }
-        let Some(estimate) = endpoint.rtt_estimate(v.now, v.decay_ns) else {
+        // No cost is below the resolution, so only a cost of two resolutions or more can be
+        // beaten by one. Estimates only decay between updates, so the last one bounds the cost:
+        // cheap candidates (fast endpoints at low load, the usual case) are taken without
+        // decaying an estimate or drawing another endpoint.
+        let Some(last) = endpoint.rtt_undecayed() else {
             // Not measured yet: judged by its load alone.
             return false;
         };
+        let beatable = 2.0 * v.resolution_ns;
+        if last.max(v.resolution_ns) * (load as f64 + 1.0) < beatable {
+            return false;
+        }
+        let Some(estimate) = endpoint.rtt_estimate(v.now, v.decay_ns) else {
+            return false;
+        };
         let cost = estimate.max(v.resolution_ns) * (load as f64 + 1.0);
+        if cost < beatable {
+            return false;
+        }
         let other = match &self.alias {
             Some(alias) if alias.len() == n => Some(alias.draw(cx.random())).filter(|&o| o != i),
             _ => None,
@@ -690,6 +704,9 @@ impl LeastConnectionsPicker {
     fn per_copy(&self, load: u64, weight: u64) -> u64 {
         if weight == self.w_min {
             load
+        } else if let Ok(load) = u32::try_from(load) {
+            // Weights fit in 32 bits, so the product fits in 64: no 128-bit division.
+            u64::from(load) * self.w_min / weight
         } else {
             (u128::from(load) * u128::from(self.w_min) / u128::from(weight)) as u64
         }
