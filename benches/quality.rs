@@ -27,6 +27,8 @@
 mod balancers;
 #[path = "quality/report.rs"]
 mod report;
+#[path = "quality/rng.rs"]
+mod rng;
 #[path = "quality/sim.rs"]
 mod sim;
 

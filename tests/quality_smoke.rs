@@ -8,6 +8,8 @@
 mod balancers;
 #[path = "../benches/quality/report.rs"]
 mod report;
+#[path = "../benches/quality/rng.rs"]
+mod rng;
 #[path = "../benches/quality/sim.rs"]
 mod sim;
 

@@ -21,6 +21,11 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::strategy::{BoxStrategy, LeastConnections, LeastTime, Strategy};
 use tower_lb::{discover, Balance, BalanceLayer};
 
+#[allow(dead_code)]
+#[path = "../benches/quality/rng.rs"]
+mod rng;
+use rng::SplitMix64;
+
 const REQUESTS: usize = 100_000;
 /// Mean service time of a request.
 const SERVICE_MS: f64 = 10.0;
@@ -72,28 +77,6 @@ struct Scenario {
     exponential: bool,
 }
 
-/// SplitMix64, for reproducible arrivals and service times.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    fn exponential(&mut self, mean: f64) -> f64 {
-        -mean * self.unit().ln()
-    }
-}
-
 type Response = tower_lb::ResponseFuture<Backend, ()>;
 
 /// Runs `REQUESTS` requests through a balancer with `strategy`; returns the requests each
@@ -116,7 +99,7 @@ where
     balance.ready().await.unwrap();
     let mut turns: Vec<_> = (0..4).map(|_| balance.clone()).collect();
 
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let rate_per_ms = scenario.load * (scenario.backends * scenario.workers) as f64 / SERVICE_MS;
     // Per backend, when each worker is next free (ms).
     let mut free_at = vec![vec![0.0f64; scenario.workers]; scenario.backends];
