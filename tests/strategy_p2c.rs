@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::{Echo, Held};
+use common::{Backend, Echo, Held};
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_lb::{
     discover,
@@ -17,56 +14,6 @@ use tower_lb::{
     weight::{Weight, Weighted},
     Balance, BalanceLayer,
 };
-
-/// Answers its id after `latency`, or fails after it.
-#[derive(Clone, Debug)]
-struct Backend {
-    id: usize,
-    latency: Duration,
-    fails: bool,
-}
-
-impl Backend {
-    fn answers(id: usize, latency: Duration) -> Self {
-        Self {
-            id,
-            latency,
-            fails: false,
-        }
-    }
-
-    fn fails_at_once(id: usize) -> Self {
-        Self {
-            id,
-            latency: Duration::ZERO,
-            fails: true,
-        }
-    }
-}
-
-impl Service<()> for Backend {
-    type Response = usize;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<usize, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: ()) -> Self::Future {
-        let Backend { id, latency, fails } = self.clone();
-        Box::pin(async move {
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
-            if fails {
-                Err("internal error".into())
-            } else {
-                Ok(id)
-            }
-        })
-    }
-}
 
 /// Runs `workers` tasks that each send `requests` requests one after another (a steady
 /// concurrency of `workers`), ignoring endpoint errors.

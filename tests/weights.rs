@@ -7,11 +7,10 @@ mod common;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tower::{BoxError, Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tower_lb::strategy::{LeastConnections, LeastTime, PowerOfTwoChoices, Random, Strategy};
 use tower_lb::{
     discover,
@@ -19,34 +18,9 @@ use tower_lb::{
     BalanceLayer,
 };
 
+use common::Backend;
+
 const REQUESTS: usize = 100_000;
-
-/// Answers its id, at once or after `latency` on tokio's clock.
-#[derive(Clone, Copy, Debug)]
-struct Backend {
-    id: usize,
-    latency: Duration,
-}
-
-impl Service<()> for Backend {
-    type Response = usize;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<usize, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: ()) -> Self::Future {
-        let Backend { id, latency } = *self;
-        Box::pin(async move {
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
-            Ok(id)
-        })
-    }
-}
 
 /// Every weighted strategy, by name.
 fn weighted_strategies() -> Vec<(&'static str, Box<dyn Run>)> {
@@ -91,7 +65,7 @@ where
     ) -> Pin<Box<dyn Future<Output = f64> + '_>> {
         Box::pin(async move {
             let endpoints = [(0, 99), (1, 1)].map(|(id, weight)| {
-                let backend = Backend { id, latency };
+                let backend = Backend::answers(id, latency);
                 (id, Weighted::new(backend, Weight::new(weight).unwrap()))
             });
             let mut balance = BalanceLayer::new(self.clone())

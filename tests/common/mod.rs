@@ -2,10 +2,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tower::{BoxError, Service};
 
@@ -135,5 +137,55 @@ impl Service<tokio::sync::oneshot::Receiver<()>> for Held {
 pub async fn settle() {
     for _ in 0..8 {
         tokio::task::yield_now().await;
+    }
+}
+
+/// Answers its id after `latency` on tokio's clock (at once for zero), or fails after it.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub id: usize,
+    pub latency: Duration,
+    pub fails: bool,
+}
+
+impl Backend {
+    pub fn answers(id: usize, latency: Duration) -> Self {
+        Self {
+            id,
+            latency,
+            fails: false,
+        }
+    }
+
+    pub fn fails_at_once(id: usize) -> Self {
+        Self {
+            id,
+            latency: Duration::ZERO,
+            fails: true,
+        }
+    }
+}
+
+impl Service<()> for Backend {
+    type Response = usize;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<usize, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        let Backend { id, latency, fails } = self.clone();
+        Box::pin(async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            if fails {
+                Err("internal error".into())
+            } else {
+                Ok(id)
+            }
+        })
     }
 }
