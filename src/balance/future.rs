@@ -186,12 +186,12 @@ where
 {
     type Output = Result<C::Output, BoxError>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = match this.state.project() {
             StateProj::Called { future } => ready!(future.poll(cx)),
-            StateProj::Readying { oneshot } => ready!(oneshot.poll(cx)),
+            StateProj::Readying { oneshot } => ready!(poll_readying(oneshot, cx)),
             StateProj::Failed { error } => return Poll::Ready(Err(failed(error))),
         };
         let Some(guard) = this.guard.take() else {
@@ -209,6 +209,17 @@ where
             Err(error) => Err(endpoint_failed(guard, error.into())),
         })
     }
+}
+
+/// A request whose endpoint was not ready at once (a keyed pick, a redirected reservation):
+/// out of line, so that the common case — called at once — stays small enough to inline.
+#[cold]
+#[inline(never)]
+fn poll_readying<S: Service<Req>, Req>(
+    oneshot: Pin<&mut Oneshot<S, Req>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<S::Response, S::Error>> {
+    oneshot.poll(cx)
 }
 
 /// The balancer could not dispatch the request: why.
