@@ -174,9 +174,15 @@
 //!   (`tower-lb-kube`), an etcd registration deleted at shutdown.
 //! - Consistent hashing places endpoints by their identity (the discovery key's `Debug`
 //!   form, e.g. `127.0.0.1:8080`), never by discovery order, so every process agrees.
-//! - Latency-aware picking reads tokio's clock once at pick time and once at completion, and
-//!   only for strategies that ask for it; a response future dropped unfinished records its
-//!   wait, so a hanging endpoint does not look fast.
+//! - Latency-aware picking reads a clock once at pick time and once at completion, and only
+//!   for strategies that ask for it (and with
+//!   [`count_abandoned_after`](BalanceLayer::count_abandoned_after)); a response future
+//!   dropped unfinished records its wait, so a hanging endpoint does not look fast. The clock
+//!   is the processor's time-stamp counter (the `quanta` crate; calibrated once per process
+//!   when the first such balancer is built, which blocks that thread for under a millisecond
+//!   usually and 200 ms at most), or tokio's clock for a balancer built while tokio's clock is
+//!   paused, so that tests on virtual time measure virtual latencies. A balancer built before
+//!   `tokio::time::pause()` keeps the counter.
 //! - The panic threshold applies to endpoints the balancer ejected itself; active health
 //!   checks remove unhealthy endpoints from discovery.
 //! - If the balancer is built outside a tokio runtime, its discovery task starts on the runtime

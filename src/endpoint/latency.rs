@@ -9,18 +9,36 @@ use crate::util::sync::{AtomicU64, Ordering};
 /// chosen when it is built: the CPU's time-stamp counter through `quanta` — a few
 /// nanoseconds a read, where the operating system's monotonic clock costs tens — unless tokio's
 /// clock is paused then (`#[tokio::test(start_paused = true)]`, a simulation), in which case it
-/// follows tokio's clock, so that latencies in tests are the virtual ones. [`now_ns`] is tokio's
-/// clock, for what is timed off the request path.
+/// follows tokio's clock, so that latencies in tests are the virtual ones. The clock is chosen
+/// at build: a balancer built before `tokio::time::pause()` is called, or outside the runtime
+/// that is paused later, keeps the counter and measures real time. [`now_ns`] is tokio's clock,
+/// for what is timed by tokio's time everywhere (how long least connections holds failures
+/// against an endpoint), and the clock of balancers built while it was paused.
 pub(crate) mod clock {
     use std::sync::OnceLock;
+    use std::time::Duration;
     use tokio::time::Instant;
 
     static EPOCH: OnceLock<Instant> = OnceLock::new();
 
+    /// How far before its first use the epoch is put: every runtime made since, paused or
+    /// not, reads tokio's clock at or after it.
+    const EPOCH_LEAD: Duration = Duration::from_secs(3600);
+
     /// Nanoseconds since a process-wide epoch on tokio's clock (which follows a paused test
     /// clock). One clock read.
+    ///
+    /// The epoch is taken from the real clock, an hour before the first call: a paused clock
+    /// starts at the real time its runtime was made and only moves forward, so runtimes made
+    /// at about the same time — tests running side by side, one of them having advanced its
+    /// virtual clock by minutes when it first called this — all read times after the epoch,
+    /// where an epoch read from one paused clock would put the others' times before it (read
+    /// as 0 until their clocks caught up).
     pub(crate) fn now_ns() -> u64 {
-        let epoch = *EPOCH.get_or_init(Instant::now);
+        let epoch = *EPOCH.get_or_init(|| {
+            let now = std::time::Instant::now();
+            Instant::from_std(now.checked_sub(EPOCH_LEAD).unwrap_or(now))
+        });
         Instant::now().saturating_duration_since(epoch).as_nanos() as u64
     }
 
@@ -154,10 +172,10 @@ impl Estimate {
 
     /// Folds a latency sample in: a sample above the estimate replaces it (the peak), up to
     /// twice the estimate (for one copy of a heavier endpoint, raises it by the copy's share
-    /// of that), one
-    /// below decays it toward the sample with time constant `decay_ns` (and, when a picker
-    /// asked for it, at least a set part of the way per copy's sample). Concurrent updates
-    /// race benignly: the last writer wins, as in any EWMA that drops a sample.
+    /// of that), one below decays it toward the sample at `rate` (`1 / decay_ns`, the decay's
+    /// time constant inverted) — and, when a picker asked for it, at least a set part of the
+    /// way per copy's sample. Concurrent updates race benignly: the last writer wins, as in
+    /// any EWMA that drops a sample.
     ///
     /// `rate` is `1 / decay_ns`, worked out once per table rather than divided per response.
     pub(super) fn record(&self, sample_ns: f64, now: u64, rate: f64) {
@@ -236,6 +254,49 @@ mod tests {
 
     /// The series and `exp` agree to within a few units of the last bit where the series is
     /// used, and `exp` is used beyond.
+    /// Paused runtimes side by side (tests on virtual time) each read their own time, even
+    /// when one of them advanced by minutes before the first read fixed the epoch.
+    #[test]
+    fn paused_clocks_side_by_side_read_their_own_time() {
+        let paused = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("a runtime")
+        };
+        let ahead = paused();
+        ahead.block_on(async {
+            tokio::time::advance(std::time::Duration::from_secs(600)).await;
+            clock::now_ns()
+        });
+        let behind = paused();
+        let (before, after) = behind.block_on(async {
+            let before = clock::now_ns();
+            tokio::time::advance(std::time::Duration::from_millis(1)).await;
+            (before, clock::now_ns())
+        });
+        assert_eq!(after - before, 1_000_000);
+    }
+
+    /// A balancer built while tokio's clock is paused times its requests on that clock, so
+    /// that latencies in tests are the virtual ones.
+    #[test]
+    fn a_paused_clock_is_followed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let clock = clock::Clock::detect(true);
+            assert_eq!(clock, clock::Clock::Tokio);
+            let before = clock.now_ns();
+            tokio::time::advance(std::time::Duration::from_millis(3)).await;
+            assert_eq!(clock.now_ns() - before, 3_000_000);
+        });
+    }
+
     #[test]
     fn kept_is_exp() {
         let decay = 10e9;

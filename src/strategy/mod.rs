@@ -198,7 +198,8 @@ impl<'a, L> PickContext<'a, L> {
     }
 
     /// The time of this pick in nanoseconds on the balancer's clock, for pickers that asked
-    /// for latency measurement ([`Picker::latency_decay`]); 0 for the others.
+    /// for latency measurement ([`Picker::latency_decay`]) and in balancers that time requests
+    /// for [`count_abandoned_after`](crate::BalanceLayer::count_abandoned_after); 0 otherwise.
     pub fn now(&self) -> u64 {
         self.now
     }

@@ -496,7 +496,9 @@ impl PowerOfTwoChoicesPicker {
                     Some(last) => last.max(resolution_ns) * (in_flight + 1.0),
                     None => default_rtt_ns * in_flight,
                 };
-                if most_first < least_second + resolution_ns {
+                // The difference, not a sum: rounding is monotonic in each operand, so this
+                // agrees with the full comparison below to the last bit.
+                if most_first - least_second < resolution_ns {
                     return false;
                 }
                 let now = cx.now();
@@ -614,6 +616,48 @@ mod tests {
                 w
             }),
         ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// The shortcut of a PeakEWMA comparison (a bound on the first candidate's cost that
+        /// the second cannot beat by the resolution) gives the verdict the two full costs give.
+        #[test]
+        fn the_peak_ewma_shortcut_agrees_with_the_full_comparison(
+            // Latencies as multiples of the resolution, around the boundaries that matter.
+            rtts in prop::collection::vec(prop::option::of(0.01f64..4.0), 2),
+            in_flight in prop::collection::vec(0usize..4, 2),
+            resolution_us in 1u64..5_000,
+            later_ms in 0u64..3_000,
+        ) {
+            let handles = endpoints(&[1, 1]);
+            let strategy = PowerOfTwoChoices::peak_ewma()
+                .latency_resolution(Duration::from_micros(resolution_us))
+                .unwrap();
+            let picker = build(&strategy, &handles);
+            let PickerLoad::PeakEwma { resolution_ns, .. } = picker.load else {
+                unreachable!("a PeakEWMA picker");
+            };
+            let decay_ns = PowerOfTwoChoices::DEFAULT_DECAY.as_nanos() as f64;
+            let at = 1_000_000_000;
+            for (handle, rtt) in handles.iter().zip(&rtts) {
+                if let Some(rtt) = rtt {
+                    handle.dispatch().record_rtt(rtt * resolution_ns, at, decay_ns);
+                }
+            }
+            let _held: Vec<_> = handles.iter().zip(&in_flight).map(|(h, &n)| hold(h, n)).collect();
+            let now = at + later_ms * 1_000_000;
+            let endpoints = Endpoints::new(&handles);
+            let (a, b) = (endpoints.get(0), endpoints.get(1));
+            let (to_beat, cost) = (picker.cost(0, &a, now), picker.cost(1, &b, now));
+            let full = cost < to_beat * PEAK_EWMA_MARGIN && to_beat - cost >= resolution_ns;
+            let mut local = LocalState::new();
+            let mut unit = ();
+            let mut cx = PickContext::new(&mut local, &mut unit);
+            cx.now = now;
+            prop_assert_eq!(picker.second_wins((0, a), (1, b), &mut cx), full);
+        }
     }
 
     proptest! {

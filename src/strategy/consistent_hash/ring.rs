@@ -31,9 +31,10 @@ pub(super) enum KeyBits {
 
 /// A sorted circle of points.
 ///
-/// Lookups first read a bucket index over the top bits of the hash, then binary-search the
-/// points of that bucket: a few cache lines instead of ~20 for a plain binary search over a
-/// large ring, and never worse than O(log n). The index has about one bucket per two points,
+/// Lookups first read a bucket index over the top bits of the hash, then search the points
+/// of that bucket (binary search; in packed rings, a guess by interpolation and a walk from
+/// it, expected O(1) as points are uniform, at worst the bucket's size): a few cache lines
+/// instead of ~20 for a plain binary search over a large ring. The index has about one bucket per two points,
 /// and at most 65,536 buckets (256 KB).
 ///
 /// Large rings (2¹⁵ points or more, with at most 65,536 endpoints) are *packed*: with 2¹⁶
@@ -125,7 +126,11 @@ impl Ring {
         let points = if pack {
             Stored::Packed(
                 ring.iter()
-                    .map(|point| point.hash & 0xffff | point.owner << 16)
+                    .map(|point| {
+                        // Owners index a table of at most 2^16 endpoints.
+                        debug_assert!(point.owner < 1 << 16);
+                        point.hash & 0xffff | point.owner << 16
+                    })
                     .collect(),
             )
         } else {
