@@ -129,19 +129,31 @@ impl Service<u64> for Hashed {
     }
 }
 
-fn weighted_endpoints(n: usize) -> impl Iterator<Item = (usize, Weighted<Noop>)> {
-    (0..n).map(|i| {
-        let weight = Weight::new(1 + (i % 4) as u32).expect("1..=4 are weights");
+/// `n` endpoints weighing 1–4 (`i % 4 + 1`), or all 1 with `equal`.
+fn weighted_endpoints(n: usize, equal: bool) -> impl Iterator<Item = (usize, Weighted<Noop>)> {
+    (0..n).map(move |i| {
+        let weight = if equal { 1 } else { 1 + (i % 4) as u32 };
+        let weight = Weight::new(weight).expect("1..=4 are weights");
         (i, Weighted::new(Noop { id: i as u64 }, weight))
     })
 }
 
 /// A balancer with `strategy` over `n` endpoints weighing 1–4, keyed by the request.
 fn balanced<St: Strategy + Clone>(name: &'static str, strategy: St, n: usize) -> Contender {
+    balanced_over(name, strategy, n, false)
+}
+
+/// [`balanced`], over endpoints of equal weights when `equal`.
+fn balanced_over<St: Strategy + Clone>(
+    name: &'static str,
+    strategy: St,
+    n: usize,
+    equal: bool,
+) -> Contender {
     let balance = BalanceLayer::new(strategy)
         .weighted()
         .key(key_fn(|request: &u64| Some(request.to_le_bytes())))
-        .layer(discover::fixed(weighted_endpoints(n)));
+        .layer(discover::fixed(weighted_endpoints(n, equal)));
     assert_eq!(
         balance.stats().available(),
         n,
@@ -160,7 +172,7 @@ fn wanted(name: &str) -> bool {
 }
 
 /// Every contender, in the order of the table.
-const CONTENDERS: [&str; 18] = [
+const CONTENDERS: [&str; 19] = [
     "direct",
     "reference",
     "(bare reference)",
@@ -174,6 +186,7 @@ const CONTENDERS: [&str; 18] = [
     "least-conn-weighted",
     "p2c-peak-ewma",
     "least-time",
+    "least-time-equal-w",
     "ring",
     "ring-nginx",
     "maglev",
@@ -197,6 +210,7 @@ fn contender(name: &'static str, n: usize) -> Contender {
         "least-conn-weighted" => balanced(name, LeastConnections::weighted(), n),
         "p2c-peak-ewma" => balanced(name, PowerOfTwoChoices::peak_ewma(), n),
         "least-time" => balanced(name, LeastTime::new(), n),
+        "least-time-equal-w" => balanced_over(name, LeastTime::new(), n, true),
         "ring" => balanced(name, ConsistentHash::ring(), n),
         "ring-nginx" => balanced(name, ConsistentHash::ring_nginx(), n),
         "maglev" => balanced(name, ConsistentHash::maglev(), n),
