@@ -21,7 +21,7 @@ use crate::endpoint::clock::Clock;
 use crate::error::ConfigError;
 use crate::health::{OutlierDetection, Passive, SlowStart};
 use crate::key::{Keyed, NoKey};
-use crate::strategy::{decay_ns, Endpoints, Picker, Strategy};
+use crate::strategy::{decay_rate, Endpoints, Picker, Strategy};
 use crate::util::sync::{AtomicU64, CachePadded};
 use crate::weight::{FromWeighted, Unweighted, Weigh};
 
@@ -59,7 +59,7 @@ where
 {
     let (messages, inbox) = mpsc::unbounded_channel();
     let empty = strategy.build(&Endpoints::new(&[]));
-    let (keyed, decay) = (empty.is_keyed(), empty.latency_decay().map(decay_ns));
+    let (keyed, decay) = (empty.is_keyed(), empty.latency_decay().map(decay_rate));
     let (rotation_base, seed_base) = match config.seed {
         Some(seed) => (crate::key::mix64(seed) >> 1, seed),
         None => {

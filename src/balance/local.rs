@@ -83,7 +83,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
     ) -> Self {
         let timed = snapshot
             .as_deref()
-            .and_then(|s| Timed::new(clock, s.latency_decay_ns, abandon_after_ns));
+            .and_then(|s| Timed::new(clock, s.latency_rate, abandon_after_ns));
         Self {
             version,
             snapshot,
@@ -111,7 +111,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         } else {
             self.copies.retain(&snapshot.members);
         }
-        self.timed = Timed::new(self.clock, snapshot.latency_decay_ns, self.abandon_after_ns);
+        self.timed = Timed::new(self.clock, snapshot.latency_rate, self.abandon_after_ns);
         self.snapshot = Some(snapshot);
         self.version = version;
         self.reserved = Reserved::None;
@@ -481,7 +481,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         }
         let mut cx = PickContext::new(&mut self.pick, &mut self.picker_local);
         cx.key_hash = key_hash;
-        if snapshot.latency_decay_ns.is_some() {
+        if snapshot.latency_rate.is_some() {
             cx.now = self.clock.now_ns();
         }
         snapshot

@@ -18,7 +18,7 @@ use super::{Message, Shared};
 use crate::endpoint::{EndpointHandle, FailureReport, EJECTED};
 use crate::health::outlier::Ejector;
 use crate::health::{panic, Passive};
-use crate::strategy::{decay_ns, Endpoints, Picker, Strategy};
+use crate::strategy::{decay_rate, Endpoints, Picker, Strategy};
 use crate::util::sync::{lock, Ordering};
 use crate::weight::Weigh;
 
@@ -424,7 +424,7 @@ where
             members,
             invalidated,
             keyed: picker.is_keyed(),
-            latency_decay_ns: picker.latency_decay().map(decay_ns),
+            latency_rate: picker.latency_decay().map(decay_rate),
             picker,
             unavailable: table::unavailable(!panic),
         });

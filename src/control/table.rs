@@ -42,8 +42,9 @@ pub(crate) struct Snapshot<S, P> {
     pub(crate) picker: P,
     /// `picker.is_keyed()`, asked once per table rather than per request.
     pub(crate) keyed: bool,
-    /// `picker.latency_decay()` in nanoseconds, asked once per table.
-    pub(crate) latency_decay_ns: Option<f64>,
+    /// `picker.latency_decay()` as a rate (`1 / decay_ns`, what estimates decay by), asked
+    /// and divided once per table.
+    pub(crate) latency_rate: Option<f64>,
     /// The flags that keep an endpoint of this table from new requests: ejection does not
     /// in panic mode, when ejected endpoints are picked too.
     pub(crate) unavailable: u32,
@@ -51,7 +52,7 @@ pub(crate) struct Snapshot<S, P> {
 
 impl<S, P> Snapshot<S, P> {
     /// A table with no endpoint.
-    pub(crate) fn empty(picker: P, keyed: bool, latency_decay_ns: Option<f64>) -> Self {
+    pub(crate) fn empty(picker: P, keyed: bool, latency_rate: Option<f64>) -> Self {
         Self {
             endpoints: Box::new([]),
             sources: Box::new([]),
@@ -59,7 +60,7 @@ impl<S, P> Snapshot<S, P> {
             invalidated: Box::new([]),
             picker,
             keyed,
-            latency_decay_ns,
+            latency_rate,
             unavailable: unavailable(true),
         }
     }

@@ -375,6 +375,11 @@ pub(crate) fn decay_ns(decay: std::time::Duration) -> f64 {
     (decay.as_secs() as f64 * 1e9 + f64::from(decay.subsec_nanos())).max(1.0)
 }
 
+/// [`decay_ns`] inverted: the rate latency estimates decay at, per nanosecond.
+pub(crate) fn decay_rate(decay: std::time::Duration) -> f64 {
+    1.0 / decay_ns(decay)
+}
+
 impl fmt::Debug for Endpoint<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
