@@ -126,14 +126,6 @@ mod tests {
     use super::super::resolve::fake::*;
     use super::*;
 
-    fn host(name: &str) -> Query {
-        Query::Host {
-            given: format!("{name}:80").into(),
-            host: name.into(),
-            port: 80,
-        }
-    }
-
     /// Runs `name`'s refresh for `run` of paused time and returns when it was queried.
     async fn queried_at(
         fake: &Arc<FakeResolver>,

@@ -368,6 +368,15 @@ pub(super) mod fake {
         }
     }
 
+    /// The query for `name:80`.
+    pub(crate) fn host(name: &str) -> Query {
+        Query::Host {
+            given: format!("{name}:80").into(),
+            host: name.into(),
+            port: 80,
+        }
+    }
+
     pub(crate) fn ips(ips: &[&str], ttl: u32) -> Scripted {
         Scripted::Ips(ips.iter().map(|ip| ip.parse().unwrap()).collect(), ttl)
     }

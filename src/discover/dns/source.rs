@@ -147,14 +147,6 @@ mod tests {
     use super::super::resolve::fake::*;
     use super::*;
 
-    fn host(name: &str) -> Query {
-        Query::Host {
-            given: format!("{name}:80").into(),
-            host: name.into(),
-            port: 80,
-        }
-    }
-
     /// The changes and errors `dns` yields within `wait` of paused time, as text.
     async fn next_items(dns: &mut Dns, wait: Duration) -> Vec<String> {
         let mut items = Vec::new();
