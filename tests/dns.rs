@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::dnsmasq::Dnsmasq;
+use common::servers::{listeners_on_one_port, serve_on, Protocol};
 use futures::StreamExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
 use tokio::time::{timeout, Instant};
 use tower::discover::Change;
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
@@ -98,51 +99,25 @@ fn answering(
 /// HTTP backends on 127.0.0.2, .3, .4 … on one port (A records carry no port), each
 /// answering `{local address} {Host}`.
 async fn backends(count: u8) -> (u16, Vec<SocketAddr>) {
-    'retry: for _ in 0..100 {
-        let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
-        let port = first.local_addr().unwrap().port();
-        let mut listeners = vec![first];
-        for i in 1..count {
-            match TcpListener::bind((format!("127.0.0.{}", 2 + i).as_str(), port)).await {
-                Ok(listener) => listeners.push(listener),
-                Err(_) => continue 'retry,
-            }
-        }
-        let mut addrs = Vec::new();
-        for listener in listeners {
-            let local = listener.local_addr().unwrap();
-            addrs.push(local);
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    tokio::spawn(async move {
-                        let answer = hyper::service::service_fn(
-                            move |request: Request<hyper::body::Incoming>| {
-                                let host = request
-                                    .headers()
-                                    .get("host")
-                                    .map(|h| h.to_str().unwrap().to_owned());
-                                let body = format!("{local} {}", host.unwrap_or_default());
-                                async move {
-                                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                                }
-                            },
-                        );
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), answer)
-                            .await;
-                    });
-                }
-            });
-        }
-        return (port, addrs);
+    let (port, listeners) = listeners_on_one_port(count).await;
+    let mut addrs = Vec::new();
+    for listener in listeners {
+        let local = listener.local_addr().unwrap();
+        addrs.push(local);
+        serve_on(
+            listener,
+            Protocol::Http1,
+            move |request: Request<Incoming>| {
+                let host = request
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap().to_owned());
+                let body = format!("{local} {}", host.unwrap_or_default());
+                async move { Response::new(Full::new(Bytes::from(body))) }
+            },
+        );
     }
-    panic!(
-        "no port free on 127.0.0.2 to 127.0.0.{} in 100 tries",
-        1 + count
-    );
+    (port, addrs)
 }
 
 /// The first changes `dns` yields (errors skipped) until `count` endpoints are in.

@@ -12,12 +12,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::servers::{serve, Protocol};
 use common::settle;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tower::timeout::TimeoutLayer;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
@@ -133,27 +135,14 @@ async fn an_error_the_caller_caused_never_counts() {
 
 /// An HTTP/1.1 server on loopback that reads each request body to its end and answers 200.
 async fn reading_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |request: http::Request<hyper::body::Incoming>| async move {
-                        let _ = request.into_body().collect().await;
-                        Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve(
+        Protocol::Http1,
+        |request: http::Request<Incoming>| async move {
+            let _ = request.into_body().collect().await;
+            http::Response::new(Empty::<Bytes>::new())
+        },
+    )
+    .await
 }
 
 type RequestBody = BoxBody<Bytes, BoxError>;
@@ -200,33 +189,18 @@ async fn a_broken_request_body_is_the_callers_fault_when_marked() {
 /// An HTTP/2 (h2c) server on loopback answering every request like a gRPC server: headers
 /// with `content-type: application/grpc`, then the frames `body` gives.
 async fn grpc_like_server(body: Frames, status_in_headers: Option<&'static str>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |_: http::Request<hyper::body::Incoming>| async move {
-                        let frames =
-                            futures::stream::iter(body().into_iter().map(Ok::<_, Infallible>));
-                        let mut response =
-                            http::Response::builder().header("content-type", "application/grpc");
-                        if let Some(status) = status_in_headers {
-                            response = response.header("grpc-status", status);
-                        }
-                        Ok::<_, Infallible>(response.body(StreamBody::new(frames)).unwrap())
-                    },
-                );
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve(
+        Protocol::Http2,
+        move |_: http::Request<Incoming>| async move {
+            let frames = futures::stream::iter(body().into_iter().map(Ok::<_, Infallible>));
+            let mut response = http::Response::builder().header("content-type", "application/grpc");
+            if let Some(status) = status_in_headers {
+                response = response.header("grpc-status", status);
+            }
+            response.body(StreamBody::new(frames)).unwrap()
+        },
+    )
+    .await
 }
 
 /// What a fake gRPC server sends after its headers.

@@ -2,16 +2,19 @@
 //! loopback HTTP servers.
 #![cfg(feature = "http")]
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use common::servers::{serve, Protocol};
 use futures::StreamExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
-use hyper::body::Frame;
+use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 use tower_lb::http::{connect, TrackBody};
@@ -127,35 +130,22 @@ async fn the_default_releases_at_the_response_head() {
 
 /// A real HTTP/1.1 server on loopback that answers its name and the request's path and host.
 async fn backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |request: Request<hyper::body::Incoming>| async move {
-                        let host = request
-                            .headers()
-                            .get("host")
-                            .map(|h| h.to_str().unwrap().to_owned());
-                        let body = format!(
-                            "{name} {} {}",
-                            request.uri().path(),
-                            host.unwrap_or_default()
-                        );
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve(
+        Protocol::Http1,
+        move |request: Request<Incoming>| async move {
+            let host = request
+                .headers()
+                .get("host")
+                .map(|h| h.to_str().unwrap().to_owned());
+            let body = format!(
+                "{name} {} {}",
+                request.uri().path(),
+                host.unwrap_or_default()
+            );
+            Response::new(Full::new(Bytes::from(body)))
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -32,6 +32,7 @@ use app::{ActiveHealth, Backend, Config, StrategySpec};
 use axum::body::Body;
 use bytes::Bytes;
 use common::dnsmasq::Dnsmasq;
+use common::servers::listeners_on_one_port;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -2133,26 +2134,6 @@ async fn hashing_by_a_forwarding_header_sees_it_as_the_client_sent_it() {
         }
         assert_eq!(landed[0], landed[1], "user {user}");
     }
-}
-
-/// Listeners on 127.0.0.2, 127.0.0.3, … all on one port (A records carry no port).
-async fn listeners_on_one_port(count: u8) -> (u16, Vec<TcpListener>) {
-    'retry: for _ in 0..100 {
-        let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
-        let port = first.local_addr().unwrap().port();
-        let mut listeners = vec![first];
-        for i in 1..count {
-            match TcpListener::bind((format!("127.0.0.{}", 2 + i).as_str(), port)).await {
-                Ok(listener) => listeners.push(listener),
-                Err(_) => continue 'retry,
-            }
-        }
-        return (port, listeners);
-    }
-    panic!(
-        "no port free on 127.0.0.2 to 127.0.0.{} in 100 tries",
-        1 + count
-    );
 }
 
 #[tokio::test]

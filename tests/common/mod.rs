@@ -12,6 +12,7 @@ use std::time::Duration;
 use tower::{BoxError, Service};
 
 pub mod dnsmasq;
+pub mod servers;
 
 /// Answers its own id at once; always ready.
 #[derive(Clone, Debug)]
