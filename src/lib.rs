@@ -85,14 +85,18 @@
 //!   `Clone + Send + Sync`), so it sits in axum's `State`, an `Arc` or a
 //!   `BoxCloneSyncService`, and `svc.clone().oneshot(req)` per request is the intended use. A
 //!   clone costs O(1) whatever the number of endpoints — reference-count bumps and a counter,
-//!   no lock, no allocation — and copies an endpoint's service (one `Clone` of it) only when it
-//!   first polls that endpoint; its first two copies are kept inline. A long-lived clone keeps
-//!   its copies across table changes and drops only those of removed or replaced services.
-//!   Measured (`cargo bench --bench overhead`, round-robin, one task, N = 2 … 4096): a new
-//!   clone per request costs 33–84 ns a request, against 14–16 ns on one long-lived clone and
-//!   0.9–1.0 µs for tower's p2c behind a `Buffer` cloned per request; the upper figures are for
-//!   endpoints holding four `Arc`s each, like a hyper-util client handle (58 ns at N = 2, 84 ns
-//!   at N = 4096).
+//!   no lock, no allocation — and copies an endpoint's service only when it first polls that
+//!   endpoint; its first two copies are kept inline. That copy is the endpoint's *spare* when
+//!   it has one: a dropped clone leaves a copy it has called (never one readied but not
+//!   called, or pending, whose readiness may hold a `Buffer` permit) for the next clone, one
+//!   per endpoint at most, so a clone per request takes and leaves one copy rather than
+//!   cloning and dropping the service each time; services without drop glue are simply
+//!   cloned. A long-lived clone keeps its copies across table changes and drops only those of
+//!   removed or replaced services. Measured (`cargo bench --bench overhead`, round-robin, one
+//!   task, N = 2 … 4096): a new clone per request costs 33–43 ns a request with no-op
+//!   endpoints and 45–64 ns with endpoints holding four `Arc`s each, like a hyper-util client
+//!   handle (45 ns at N = 2, 61–64 ns at N = 4096), against 14–18 ns on one long-lived clone
+//!   and 0.9–1.1 µs for tower's p2c behind a `Buffer` cloned per request.
 //! - **Readiness**: an endpoint is only called after it reported ready. Unkeyed strategies
 //!   pick in `poll_ready`: the balancer asks the picker (up to three times) for a ready
 //!   endpoint, then scans the rest from a random position; a pending endpoint is skipped for a
@@ -191,8 +195,9 @@
 //!   [`Error::NoRuntime`]. Outlier detection, slow start and bounded waits need tokio's timer.
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
-// `endpoint` — the hand-counted endpoint cell and its in-flight guard, with loom models beside
-// them — is the only module with `unsafe` code; everywhere else it is a compile error.
+// `endpoint` — the hand-counted endpoint cell and its in-flight guard — and `util::spare` — the
+// lock-free place for a spare service copy — are the only modules with `unsafe` code, each
+// with loom models beside it; everywhere else it is a compile error.
 #![deny(unsafe_code)]
 
 mod balance;

@@ -2,11 +2,12 @@
 //! endpoints (removal, re-insertion, reweighting) across clones on a multi-threaded runtime —
 //! three long-lived clones and a new clone for every request of a fourth stream, made, used
 //! once and dropped across table changes — once every request has finished or been dropped
-//! every in-flight count is zero, and the picks equal the requests dispatched.
+//! every in-flight count is zero, and the picks equal the requests dispatched; once the
+//! balancer is dropped, so is every copy of every endpoint service (spares included).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -57,9 +58,32 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// An endpoint that does to each request what the request says, after yielding once so
-/// requests overlap.
-#[derive(Clone)]
-struct Obedient;
+/// requests overlap. It counts its live copies: clones made per request leave theirs behind
+/// as spares for the next, across threads, and every copy must still be dropped exactly once.
+struct Obedient {
+    live: Arc<AtomicI64>,
+}
+
+impl Obedient {
+    fn new(live: &Arc<AtomicI64>) -> Self {
+        live.fetch_add(1, Ordering::SeqCst);
+        Self {
+            live: Arc::clone(live),
+        }
+    }
+}
+
+impl Clone for Obedient {
+    fn clone(&self) -> Self {
+        Self::new(&self.live)
+    }
+}
+
+impl Drop for Obedient {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl Service<Fate> for Obedient {
     type Response = ();
@@ -128,9 +152,10 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let live = Arc::new(AtomicI64::new(0));
     let (handle, source) = discover::channel();
     for key in 0..2u8 {
-        handle.insert(key, Obedient);
+        handle.insert(key, Obedient::new(&live));
     }
     let balance = Balance::new(source, RoundRobin::new());
     let tally = Arc::new(Tally::default());
@@ -204,7 +229,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 handle.remove(key);
             }
             Op::Insert(key) => {
-                handle.insert(key, Obedient);
+                handle.insert(key, Obedient::new(&live));
             }
             Op::Reweight(key, weight) => {
                 let _ = balance
@@ -229,6 +254,19 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     prop_assert_eq!(
         stats.endpoints.iter().map(|e| e.failures).sum::<u64>() + stats.removed_failures,
         tally.failed.load(Ordering::SeqCst),
+    );
+
+    // The discovery task ends with the last clone and drops the tables, and with them the
+    // services and their spare copies.
+    drop((balance, handle));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while live.load(Ordering::SeqCst) != 0 && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    prop_assert!(
+        live.load(Ordering::SeqCst) == 0,
+        "{} service copies outlived the balancer",
+        live.load(Ordering::SeqCst)
     );
     Ok(())
 }

@@ -3,9 +3,11 @@
 //!
 //! A new clone costs O(1) whatever the number of endpoints: it starts from its parent's
 //! table (when that is the newest) and copies an endpoint's service only when it first needs
-//! to poll that endpoint, keeping its first two copies inline. A long-lived clone ends up with
-//! a copy per endpoint it has used, by slot, and keeps them across tables: a new table costs
-//! it the services that were removed or replaced, not a copy of every service.
+//! to poll that endpoint, keeping its first two copies inline. A dropped clone gives the
+//! copies it has called back to their endpoints as spares, which the next clone takes instead
+//! of cloning the service (see [`Origin`](crate::control::table::Origin)). A long-lived clone
+//! ends up with a copy per endpoint it has used, by slot, and keeps them across tables: a new
+//! table costs it the services that were removed or replaced, not a copy of every service.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -18,6 +20,8 @@ use tower_service::Service;
 use super::future::{ResponseFuture, Timed};
 use super::wait::Waiting;
 use super::Front;
+#[cfg(test)]
+use crate::control::table::Origin;
 use crate::control::table::{Snapshot, Source, Table, FAILED};
 use crate::control::{Message, Shared};
 use crate::endpoint::clock::Clock;
@@ -61,12 +65,38 @@ pub(super) struct Local<S, P: Picker> {
     picker_local: P::Local,
     /// The bounded wait for endpoints, while one runs.
     pub(super) wait: Option<Pin<Box<Waiting>>>,
+    /// A copy may have been polled without being called since: it was pending, or not ready
+    /// for a keyed request, or the picker's first choice was not ready and others were polled.
+    /// Such a copy may hold something for its readiness (a `Buffer` permit, a place in a
+    /// queue), so the clone's copies are not left as spares when it is dropped. Set on those
+    /// slow paths only; the usual request (first choice ready, called) leaves it clear.
+    tainted: bool,
 }
 
 impl<S, P: Picker> Local<S, P> {
     /// The number of service copies this clone holds.
     pub(super) fn copies(&self) -> usize {
         self.copies.len()
+    }
+}
+
+impl<S, P: Picker> Drop for Local<S, P> {
+    /// Leaves this clone's copies as their endpoints' spares, for the next clone to take
+    /// instead of cloning the service (see [`Origin`](crate::control::table::Origin)), unless
+    /// one may hold something for its readiness.
+    fn drop(&mut self) {
+        if !std::mem::needs_drop::<S>() {
+            // Plain data: never kept as a spare.
+            return;
+        }
+        if self.tainted || matches!(self.reserved, Reserved::Endpoint(_)) {
+            // A copy polled but not called (or reserved and never called) is dropped, so
+            // that what its readiness holds is released.
+            return;
+        }
+        if let Some(snapshot) = self.snapshot.as_deref() {
+            self.copies.give_back(&snapshot.sources);
+        }
     }
 }
 
@@ -96,6 +126,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
             pick,
             picker_local: P::Local::default(),
             wait: None,
+            tainted: false,
         }
     }
 
@@ -114,6 +145,10 @@ impl<S: Clone, P: Picker> Local<S, P> {
         self.timed = Timed::new(self.clock, snapshot.latency_rate, self.abandon_after_ns);
         self.snapshot = Some(snapshot);
         self.version = version;
+        if let Reserved::Endpoint(_) = self.reserved {
+            // That copy stays ready but uncalled.
+            self.tainted = true;
+        }
         self.reserved = Reserved::None;
         self.picker_local = P::Local::default();
     }
@@ -183,6 +218,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
+        self.tainted = true;
         let Some(snapshot) = self.snapshot.as_deref() else {
             return Poll::Ready(None);
         };
@@ -220,6 +256,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
+        self.tainted = true;
         let Some(snapshot) = self.snapshot.as_deref() else {
             return Poll::Ready(None);
         };
@@ -342,10 +379,15 @@ impl<S: Clone, P: Picker> Local<S, P> {
         else {
             return Err(request);
         };
-        let Some(service) = self.copies.live(source.slot, source.id) else {
+        let Some(copy) = self.copies.find(source.slot, source.id) else {
+            return Err(request);
+        };
+        let Some(service) = copy.service.as_mut() else {
             return Err(request);
         };
         let Some(guard) = handle.try_dispatch(snapshot.unavailable, source.id) else {
+            // The copy stays ready but uncalled.
+            self.tainted = true;
             return Err(request);
         };
         let timing = self.timed.map(|timed| timed.start(self.picked_at));
@@ -384,16 +426,22 @@ impl<S: Clone, P: Picker> Local<S, P> {
         if handle.flags() & unavailable != 0 || !handle.serves(source.id) {
             return Err(request);
         }
-        let copy = self.copies.get_or_copy(source, snapshot.members.len());
+        let copy = self
+            .copies
+            .get_or_copy(source, index, snapshot.members.len());
         let Some(service) = copy.service.as_mut() else {
             return Err(request);
         };
         let mut noop = Context::from_waker(Waker::noop());
         let ready = matches!(service.poll_ready(&mut noop), Poll::Ready(Ok(())));
-        if ready_now && !ready {
-            return Err(request);
+        if !ready {
+            self.tainted = true;
+            if ready_now {
+                return Err(request);
+            }
         }
         let Some(guard) = handle.try_dispatch(unavailable, source.id) else {
+            self.tainted = true;
             return Err(request);
         };
         let timing = self.timed.map(|timed| timed.start(timed.now()));
@@ -511,7 +559,7 @@ where
     if handle.flags() & snapshot.unavailable != 0 || !handle.serves(source.id) {
         return Poll::Ready(false);
     }
-    let copy = copies.get_or_copy(source, snapshot.members.len());
+    let copy = copies.get_or_copy(source, index, snapshot.members.len());
     let Some(service) = copy.service.as_mut() else {
         return Poll::Ready(false);
     };
@@ -535,6 +583,8 @@ where
 /// A clone's copy of one endpoint's service.
 struct Copy<S> {
     slot: u32,
+    /// Where its service was in the table it was made from: where to give it back.
+    index: u32,
     /// The service's id ([`Source::id`]); 0 for an empty entry.
     id: u64,
     /// `None` once it failed `poll_ready` in this clone: it is never polled or called again.
@@ -544,18 +594,21 @@ struct Copy<S> {
 impl<S> Copy<S> {
     const EMPTY: Self = Self {
         slot: 0,
+        index: 0,
         id: 0,
         service: None,
     };
 
-    fn of(source: &Source<S>) -> Self
+    /// A copy of `source` (at `index` in its table): its spare, or a clone of its service.
+    fn of(source: &Source<S>, index: usize) -> Self
     where
         S: Clone,
     {
         Self {
             slot: source.slot,
+            index: index as u32,
             id: source.id,
-            service: Some(S::clone(&source.service)),
+            service: Some(source.service.copy()),
         }
     }
 
@@ -613,7 +666,7 @@ impl<S> Copies<S> {
     }
 
     /// The copy of service `id` in `slot`, if this clone has it and it has not failed.
-    #[inline(always)]
+    #[cfg(test)]
     fn live(&mut self, slot: u32, id: u64) -> Option<&mut S> {
         self.find(slot, id)?.service.as_mut()
     }
@@ -631,7 +684,7 @@ impl<S> Copies<S> {
     /// This clone's copy of `source`, made now if it has none (or one of a replaced service).
     /// `slots` is the table's slot count, the size of the by-slot table if one is made.
     #[inline(always)]
-    fn get_or_copy(&mut self, source: &Source<S>, slots: usize) -> &mut Copy<S>
+    fn get_or_copy(&mut self, source: &Source<S>, index: usize, slots: usize) -> &mut Copy<S>
     where
         S: Clone,
     {
@@ -643,13 +696,13 @@ impl<S> Copies<S> {
         } else if let Some(at) = self.few.iter().position(|c| c.is(source.slot, source.id)) {
             return &mut self.few[at];
         }
-        self.copy(source, slots)
+        self.copy(source, index, slots)
     }
 
     /// [`Copies::get_or_copy`] when this clone has no copy of `source` yet.
     #[cold]
     #[inline(never)]
-    fn copy(&mut self, source: &Source<S>, slots: usize) -> &mut Copy<S>
+    fn copy(&mut self, source: &Source<S>, index: usize, slots: usize) -> &mut Copy<S>
     where
         S: Clone,
     {
@@ -664,7 +717,7 @@ impl<S> Copies<S> {
                 Some(at) => {
                     let entry = &mut self.few[at];
                     if !entry.is(source.slot, source.id) {
-                        *entry = Copy::of(source);
+                        *entry = Copy::of(source, index);
                     }
                     return entry;
                 }
@@ -678,7 +731,7 @@ impl<S> Copies<S> {
         }
         let entry = &mut self.by_slot[slot];
         if entry.id != source.id {
-            *entry = Copy::of(source);
+            *entry = Copy::of(source, index);
         }
         entry
     }
@@ -710,6 +763,23 @@ impl<S> Copies<S> {
         }
     }
 
+    /// Leaves each copy as the spare of its service in the clone's table (`sources`), if it
+    /// was made from that table; other copies are dropped. Only for copies whose readiness
+    /// is used up (see [`Local::tainted`]).
+    fn give_back(&mut self, sources: &[Source<S>]) {
+        for entry in self.entries_mut() {
+            let Some(source) = sources
+                .get(entry.index as usize)
+                .filter(|source| entry.is(source.slot, source.id))
+            else {
+                continue;
+            };
+            if let Some(service) = entry.service.take() {
+                source.service.give_back(service);
+            }
+        }
+    }
+
     /// Keeps only the copies of services that are members now (`members[slot]` is the id of
     /// the member in `slot`).
     fn retain(&mut self, members: &[u64]) {
@@ -727,7 +797,7 @@ mod tests {
 
     fn source(slot: u32, id: u64) -> Source<u64> {
         Source {
-            service: std::sync::Arc::new(id * 10),
+            service: std::sync::Arc::new(Origin::new(id * 10)),
             slot,
             id,
         }
@@ -736,20 +806,20 @@ mod tests {
     #[test]
     fn copies_start_inline_and_spill_by_slot() {
         let mut copies: Copies<u64> = Copies::new();
-        assert_eq!(copies.get_or_copy(&source(7, 1), 8).service, Some(10));
-        assert_eq!(copies.get_or_copy(&source(3, 2), 8).service, Some(20));
+        assert_eq!(copies.get_or_copy(&source(7, 1), 0, 8).service, Some(10));
+        assert_eq!(copies.get_or_copy(&source(3, 2), 0, 8).service, Some(20));
         assert!(copies.by_slot.is_empty());
         // The same copies again: nothing new.
-        assert_eq!(copies.get_or_copy(&source(7, 1), 8).service, Some(10));
+        assert_eq!(copies.get_or_copy(&source(7, 1), 0, 8).service, Some(10));
         assert_eq!(copies.len(), 2);
         // A third endpoint spills to the by-slot table, keeping the first two.
-        assert_eq!(copies.get_or_copy(&source(5, 3), 8).service, Some(30));
+        assert_eq!(copies.get_or_copy(&source(5, 3), 0, 8).service, Some(30));
         assert_eq!(copies.by_slot.len(), 8);
         assert_eq!(copies.len(), 3);
         assert_eq!(copies.live(7, 1).copied(), Some(10));
         assert_eq!(copies.live(3, 2).copied(), Some(20));
         // A slot beyond the table grows it.
-        assert_eq!(copies.get_or_copy(&source(12, 4), 8).service, Some(40));
+        assert_eq!(copies.get_or_copy(&source(12, 4), 0, 8).service, Some(40));
         assert_eq!(copies.len(), 4);
     }
 
@@ -760,9 +830,9 @@ mod tests {
             if spilled {
                 copies.spill(4);
             }
-            copies.get_or_copy(&source(1, 1), 4);
+            copies.get_or_copy(&source(1, 1), 0, 4);
             assert_eq!(copies.live(1, 2), None, "another id in the same slot");
-            assert_eq!(copies.get_or_copy(&source(1, 2), 4).service, Some(20));
+            assert_eq!(copies.get_or_copy(&source(1, 2), 0, 4).service, Some(20));
             assert_eq!(copies.live(1, 1), None, "the old copy is gone");
             assert_eq!(copies.len(), 1);
         }
@@ -775,8 +845,8 @@ mod tests {
             if spilled {
                 copies.spill(4);
             }
-            copies.get_or_copy(&source(0, 1), 4);
-            copies.get_or_copy(&source(2, 2), 4);
+            copies.get_or_copy(&source(0, 1), 0, 4);
+            copies.get_or_copy(&source(2, 2), 0, 4);
             copies.invalidate(0, 9);
             assert_eq!(copies.len(), 2, "another id: kept");
             copies.invalidate(0, 1);
@@ -790,10 +860,10 @@ mod tests {
     #[test]
     fn a_failed_copy_stays_dead_until_its_service_is_replaced() {
         let mut copies: Copies<u64> = Copies::new();
-        copies.get_or_copy(&source(0, 1), 1).service = None;
+        copies.get_or_copy(&source(0, 1), 0, 1).service = None;
         assert!(copies.is_dead(0, 1));
-        assert_eq!(copies.get_or_copy(&source(0, 1), 1).service, None);
+        assert_eq!(copies.get_or_copy(&source(0, 1), 0, 1).service, None);
         assert!(!copies.is_dead(0, 2));
-        assert_eq!(copies.get_or_copy(&source(0, 2), 1).service, Some(20));
+        assert_eq!(copies.get_or_copy(&source(0, 2), 0, 1).service, Some(20));
     }
 }

@@ -38,10 +38,13 @@ use crate::weight::Unweighted;
 ///
 /// Clones share the endpoint table, the counters, the strategy and the discovery task. A
 /// clone costs O(1) whatever the number of endpoints — reference-count bumps, no lock, no
-/// allocation: it starts from its parent's table and copies an endpoint's service (one
-/// `Clone` of it) only when it first polls that endpoint. A long-lived clone keeps its copies
-/// across table changes, dropping only those of removed or replaced services. See the crate
-/// docs for measured costs.
+/// allocation: it starts from its parent's table and copies an endpoint's service only when
+/// it first polls that endpoint. That copy is the endpoint's spare when there is one — a
+/// dropped clone leaves a copy it has called for the next clone, never one it readied but
+/// did not call or that was pending, whose readiness may hold a permit — else one `Clone` of
+/// the service; one spare per endpoint at most is kept. A long-lived clone keeps its copies across table
+/// changes, dropping only those of removed or replaced services. See the crate docs for
+/// measured costs.
 ///
 /// The discovery task runs on the tokio runtime current at construction (or, if there is
 /// none, the one current at the first `poll_ready`); it processes changes even when no

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
+use super::table::Origin;
 use crate::endpoint::{EndpointHandle, REMOVED};
 use crate::health::outlier::Ejection;
 use crate::health::slow_start::Ramp;
@@ -15,7 +16,7 @@ pub(crate) struct Member<K, S> {
     pub(crate) key: K,
     pub(crate) handle: EndpointHandle,
     /// Shared with every table that lists the endpoint.
-    pub(crate) service: Arc<S>,
+    pub(crate) service: Arc<Origin<S>>,
     /// Fixed while it is a member: clones keep their copies of its service by slot.
     pub(crate) slot: u32,
     /// Which service it has: every `Insert` gets a new id, so a readiness failure or a copy of
@@ -93,7 +94,7 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
         if let Some(&position) = self.index.get(&key) {
             let member = &mut self.members[position];
             self.invalidated.push((member.slot, member.id));
-            member.service = Arc::new(service);
+            member.service = Arc::new(Origin::new(service));
             member.id = id;
             // Requests reserved on the old service in older tables go elsewhere.
             member.handle.set_service(id);
@@ -111,7 +112,7 @@ impl<K: Hash + Eq + Clone, S> Registry<K, S> {
         self.members.push(Member {
             key,
             handle,
-            service: Arc::new(service),
+            service: Arc::new(Origin::new(service)),
             slot,
             id,
             ejection: Ejection::default(),

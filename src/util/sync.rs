@@ -5,7 +5,7 @@
 pub(crate) use loom::future::AtomicWaker;
 #[cfg(tower_lb_loom)]
 pub(crate) use loom::sync::{
-    atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering},
     Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard,
 };
 
@@ -13,7 +13,7 @@ pub(crate) use loom::sync::{
 pub(crate) use futures_util::task::AtomicWaker;
 #[cfg(not(tower_lb_loom))]
 pub(crate) use std::sync::{
-    atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering},
     Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard,
 };
 
