@@ -87,11 +87,12 @@
 //!   clone costs O(1) whatever the number of endpoints — reference-count bumps and a counter,
 //!   no lock, no allocation — and copies an endpoint's service only when it first polls that
 //!   endpoint; its first two copies are kept inline. That copy is the endpoint's *spare* when
-//!   it has one: a dropped clone leaves a copy it has called (never one readied but not
-//!   called, or pending, whose readiness may hold a `Buffer` permit) for the next clone, one
-//!   per endpoint at most, so a clone per request takes and leaves one copy rather than
-//!   cloning and dropping the service each time; services without drop glue are simply
-//!   cloned. A long-lived clone keeps its copies across table changes and drops only those of
+//!   it has one: a dropped clone whose requests took the usual path (first choice ready, then
+//!   called) leaves its copies for the next clones, one per service at most, so a clone per
+//!   request takes and leaves one copy rather than cloning and dropping the service each time;
+//!   a clone that polled a copy without calling it (pending, a reservation left unused)
+//!   leaves none, since that readiness may hold a `Buffer` permit. Services without
+//!   drop glue are simply cloned. A long-lived clone keeps its copies across table changes and drops only those of
 //!   removed or replaced services. Measured (`cargo bench --bench overhead`, round-robin, one
 //!   task, N = 2 … 4096): a new clone per request costs 33–43 ns a request with no-op
 //!   endpoints and 45–64 ns with endpoints holding four `Arc`s each, like a hyper-util client

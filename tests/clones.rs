@@ -5,7 +5,7 @@ mod common;
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
-use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -123,33 +123,43 @@ async fn a_clone_per_request_copies_one_service_whatever_the_number_of_endpoints
     }
 }
 
-/// An endpoint whose readiness holds a permit, as a `Buffer`'s does: `poll_ready` takes one,
-/// `call` spends it, dropping an unspent one gives it back.
+/// An endpoint whose readiness holds something, as a `Buffer`'s does: while its gate is shut,
+/// `poll_ready` queues (one place, held until it is ready or dropped); once open, it takes a
+/// permit, which `call` spends and a drop gives back. `held` counts places and permits held.
 #[derive(Debug)]
 struct Permits {
     held: Arc<AtomicIsize>,
     copies: Arc<Copies>,
+    gate: Arc<AtomicBool>,
+    queued: bool,
     reserved: bool,
+}
+
+impl Permits {
+    fn new(held: &Arc<AtomicIsize>, copies: &Arc<Copies>, gate: &Arc<AtomicBool>) -> Self {
+        copies.live.fetch_add(1, Ordering::SeqCst);
+        Self {
+            held: Arc::clone(held),
+            copies: Arc::clone(copies),
+            gate: Arc::clone(gate),
+            queued: false,
+            reserved: false,
+        }
+    }
 }
 
 impl Clone for Permits {
     fn clone(&self) -> Self {
         self.copies.made.fetch_add(1, Ordering::SeqCst);
-        self.copies.live.fetch_add(1, Ordering::SeqCst);
-        Self {
-            held: Arc::clone(&self.held),
-            copies: Arc::clone(&self.copies),
-            reserved: false,
-        }
+        Self::new(&self.held, &self.copies, &self.gate)
     }
 }
 
 impl Drop for Permits {
     fn drop(&mut self) {
         self.copies.live.fetch_sub(1, Ordering::SeqCst);
-        if self.reserved {
-            self.held.fetch_sub(1, Ordering::SeqCst);
-        }
+        let held = isize::from(self.reserved) + isize::from(self.queued);
+        self.held.fetch_sub(held, Ordering::SeqCst);
     }
 }
 
@@ -158,7 +168,19 @@ impl Service<()> for Permits {
     type Error = Infallible;
     type Future = Ready<Result<(), Infallible>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if !self.gate.load(Ordering::SeqCst) {
+            if !self.queued {
+                self.queued = true;
+                self.held.fetch_add(1, Ordering::SeqCst);
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        if self.queued {
+            self.queued = false;
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
         if !self.reserved {
             self.reserved = true;
             self.held.fetch_add(1, Ordering::SeqCst);
@@ -174,25 +196,55 @@ impl Service<()> for Permits {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_copy_readied_but_not_called_is_dropped_not_left_as_a_spare() {
+/// Endpoints `0..gates.len()` whose gates are open as given, and their shared counters.
+struct PermitSet {
+    held: Arc<AtomicIsize>,
+    copies: Arc<Copies>,
+    gates: Vec<Arc<AtomicBool>>,
+    endpoints: Vec<(usize, Permits)>,
+}
+
+fn permits(gates: &[bool]) -> PermitSet {
     let held = Arc::new(AtomicIsize::new(0));
     let copies = Arc::new(Copies::default());
-    copies.live.fetch_add(1, Ordering::SeqCst);
-    let service = Permits {
-        held: Arc::clone(&held),
-        copies: Arc::clone(&copies),
-        reserved: false,
-    };
-    let balance = Balance::new(discover::fixed([(0, service)]), RoundRobin::new());
+    let gates: Vec<_> = gates
+        .iter()
+        .map(|&open| Arc::new(AtomicBool::new(open)))
+        .collect();
+    let endpoints = gates
+        .iter()
+        .enumerate()
+        .map(|(i, gate)| (i, Permits::new(&held, &copies, gate)))
+        .collect();
+    PermitSet {
+        held,
+        copies,
+        gates,
+        endpoints,
+    }
+}
+
+fn held(held: &AtomicIsize) -> isize {
+    held.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_copy_readied_but_not_called_is_dropped_not_left_as_a_spare() {
+    let PermitSet {
+        held: permits_held,
+        copies,
+        endpoints,
+        ..
+    } = permits(&[true]);
+    let balance = Balance::new(discover::fixed(endpoints), RoundRobin::new());
 
     // A clone that readies the endpoint and is dropped without calling: its copy holds a
     // permit, so it is dropped, and the permit with it.
     let mut clone = balance.clone();
     clone.ready().await.unwrap();
-    assert_eq!(held.load(Ordering::SeqCst), 1);
+    assert_eq!(held(&permits_held), 1);
     drop(clone);
-    assert_eq!(held.load(Ordering::SeqCst), 0, "the permit was released");
+    assert_eq!(held(&permits_held), 0, "the permit was released");
     assert_eq!(copies.live(), 1, "no spare kept");
 
     // A clone that calls leaves its spent copy as the spare, and the next one takes it.
@@ -203,12 +255,143 @@ async fn a_copy_readied_but_not_called_is_dropped_not_left_as_a_spare() {
         balance.clone().oneshot(()).await.unwrap();
     }
     assert_eq!(copies.made(), made, "ten clones took the spare in turn");
-    assert_eq!(held.load(Ordering::SeqCst), 0);
+    assert_eq!(held(&permits_held), 0);
 
     // Dropping the balancer drops the service and its spare.
     drop(balance);
     settle().await;
     assert_eq!(copies.live(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_copy_left_pending_is_dropped_not_left_as_a_spare() {
+    // Endpoint 0 stays pending (its copies queue); round-robin passes to endpoint 1.
+    let PermitSet {
+        held: permits_held,
+        copies,
+        endpoints,
+        ..
+    } = permits(&[false, true]);
+    let balance = Balance::new(discover::fixed(endpoints), RoundRobin::new());
+    for request in 0..10 {
+        balance.clone().oneshot(()).await.unwrap();
+        assert_eq!(
+            held(&permits_held),
+            0,
+            "request {request}: the clone that queued on endpoint 0 dropped that copy"
+        );
+    }
+    drop(balance);
+    settle().await;
+    assert_eq!(copies.live(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reservation_dropped_for_a_new_table_is_not_left_as_a_spare() {
+    let PermitSet {
+        held: permits_held,
+        copies,
+        endpoints,
+        ..
+    } = permits(&[true, true]);
+    let (handle, source) = discover::channel();
+    for (key, service) in endpoints {
+        handle.insert(key, service);
+    }
+    let balance = Balance::new(source, RoundRobin::new());
+    settle().await;
+    let mut clone = balance.clone();
+    // Reserve one endpoint; a new table comes; readying again reserves the next one, and the
+    // request goes there. The first copy stays readied, never called.
+    clone.ready().await.unwrap();
+    balance
+        .handle()
+        .set_weight(&0, Weight::new(2).unwrap())
+        .unwrap();
+    settle().await;
+    clone.ready().await.unwrap().call(()).await.unwrap();
+    assert_eq!(
+        held(&permits_held),
+        1,
+        "the first reservation is still held"
+    );
+    drop(clone);
+    assert_eq!(held(&permits_held), 0, "and released with its copy");
+    drop((balance, handle));
+    settle().await;
+    assert_eq!(copies.live(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_keyed_copy_not_ready_at_call_is_not_left_as_a_spare() {
+    let PermitSet {
+        held: permits_held,
+        copies,
+        gates,
+        endpoints,
+    } = permits(&[false]);
+    let balance = BalanceLayer::new(ConsistentHash::maglev())
+        .key(key_fn(|_: &()| Some(b"k")))
+        .layer(discover::fixed(endpoints));
+    let mut clone = balance.clone();
+    let response = clone.ready().await.unwrap().call(());
+    // Not ready at `call`: the response future readies a copy of its own.
+    assert!(held(&permits_held) >= 1, "the clone's copy queued");
+    drop(response);
+    drop(clone);
+    assert_eq!(
+        held(&permits_held),
+        0,
+        "the queued copy went with the clone"
+    );
+    // Once the endpoint is ready, clones made per request reuse one spare again.
+    gates[0].store(true, Ordering::SeqCst);
+    balance.clone().oneshot(()).await.unwrap();
+    let made = copies.made();
+    for _ in 0..5 {
+        balance.clone().oneshot(()).await.unwrap();
+    }
+    assert_eq!(copies.made(), made);
+    assert_eq!(held(&permits_held), 0);
+}
+
+/// Clones made per request on two threads at once pass spares between them: every copy made
+/// is dropped exactly once, and at most one spare per endpoint outlives the requests.
+#[test]
+fn clones_per_request_on_two_threads_share_spares_without_loss() {
+    const N: usize = 4;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (copies, endpoints) = counted(N);
+    let balance = {
+        let _entered = runtime.enter();
+        Balance::new(discover::fixed(endpoints), RoundRobin::new())
+    };
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let balance = balance.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5_000 {
+                    let id = futures::executor::block_on(balance.clone().oneshot(())).unwrap();
+                    assert!(id < N);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let live = copies.live();
+    assert!(
+        (N as isize..=2 * N as isize).contains(&live),
+        "{live} live copies: the services and at most a spare each"
+    );
+    drop(balance);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while copies.live() != 0 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert_eq!(copies.live(), 0, "every copy dropped once the balancer is");
+    drop(runtime);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -59,7 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// An endpoint that does to each request what the request says, after yielding once so
 /// requests overlap. It counts its live copies: clones made per request leave theirs behind
-/// as spares for the next, across threads, and every copy must still be dropped exactly once.
+/// as spares for the next, and every copy must still be dropped exactly once.
 struct Obedient {
     live: Arc<AtomicI64>,
 }

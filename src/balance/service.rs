@@ -39,12 +39,13 @@ use crate::weight::Unweighted;
 /// Clones share the endpoint table, the counters, the strategy and the discovery task. A
 /// clone costs O(1) whatever the number of endpoints — reference-count bumps, no lock, no
 /// allocation: it starts from its parent's table and copies an endpoint's service only when
-/// it first polls that endpoint. That copy is the endpoint's spare when there is one — a
-/// dropped clone leaves a copy it has called for the next clone, never one it readied but
-/// did not call or that was pending, whose readiness may hold a permit — else one `Clone` of
-/// the service; one spare per endpoint at most is kept. A long-lived clone keeps its copies across table
-/// changes, dropping only those of removed or replaced services. See the crate docs for
-/// measured costs.
+/// it first polls that endpoint. That copy is the endpoint's spare when there is one, else
+/// one `Clone` of the service: a clone whose requests took the usual path (the first choice
+/// ready, then called) leaves its copies as spares when dropped, one per service at most; a
+/// clone that polled a copy and did not call it since (pending, not ready for a keyed
+/// request, a reservation left unused) leaves none, since that copy's readiness may hold a
+/// permit. A long-lived clone keeps its copies across table changes, dropping only those of
+/// removed or replaced services. See the crate docs for measured costs.
 ///
 /// The discovery task runs on the tokio runtime current at construction (or, if there is
 /// none, the one current at the first `poll_ready`); it processes changes even when no

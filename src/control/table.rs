@@ -36,12 +36,15 @@ pub(crate) struct Source<S> {
 /// lines, and four more to drop it — which a clone made per request pays per request. So a
 /// clone, when it is dropped, leaves a copy whose readiness it has used up (the last thing it
 /// did with it was `call`) here, and the next clone that needs the endpoint takes it instead
-/// of cloning: one uncontended compare-and-swap each way ([`Spare`]), on the line the service
-/// is on. One spare per endpoint bounds what this keeps alive; a copy that finds the place
-/// taken is dropped as before. A copy polled ready but not called is never left, since its
-/// readiness may hold something (a `Buffer` permit, say) that must be released. Services
-/// without drop glue (no reference counts, nothing to release) are plain data: they are
-/// cloned, which costs less than the spare's two atomic operations.
+/// of cloning: one compare-and-swap each way ([`Spare`]), on the line the service is on (a
+/// clone that finds the place busy, another thread taking or leaving a copy right then,
+/// clones the service). One spare per service bounds what this keeps alive: a replaced
+/// service's spare goes with the last table that lists it; a copy that finds the place taken
+/// is dropped as before. A copy that may hold something for its readiness (a `Buffer` permit,
+/// say) is never left: the clone leaves nothing if any of its copies was polled and not
+/// called since (see `Local::tainted`). Services without drop glue (no reference counts,
+/// nothing to release) are plain data: they are cloned, which costs less than the spare's
+/// two atomic operations.
 pub(crate) struct Origin<S> {
     pub(crate) service: S,
     spare: Spare<S>,
