@@ -228,74 +228,63 @@ fn held(held: &AtomicIsize) -> isize {
     held.load(Ordering::SeqCst)
 }
 
+/// Drops `balance` (and what goes with it) and checks that every copy of every service,
+/// spares included, went with it.
+async fn all_copies_go_with<B>(balance: B, copies: &Copies) {
+    drop(balance);
+    settle().await;
+    assert_eq!(copies.live(), 0, "every copy dropped with the balancer");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_copy_readied_but_not_called_is_dropped_not_left_as_a_spare() {
-    let PermitSet {
-        held: permits_held,
-        copies,
-        endpoints,
-        ..
-    } = permits(&[true]);
-    let balance = Balance::new(discover::fixed(endpoints), RoundRobin::new());
+    let set = permits(&[true]);
+    let balance = Balance::new(discover::fixed(set.endpoints), RoundRobin::new());
 
     // A clone that readies the endpoint and is dropped without calling: its copy holds a
     // permit, so it is dropped, and the permit with it.
     let mut clone = balance.clone();
     clone.ready().await.unwrap();
-    assert_eq!(held(&permits_held), 1);
+    assert_eq!(held(&set.held), 1);
     drop(clone);
-    assert_eq!(held(&permits_held), 0, "the permit was released");
-    assert_eq!(copies.live(), 1, "no spare kept");
+    assert_eq!(held(&set.held), 0, "the permit was released");
+    assert_eq!(set.copies.live(), 1, "no spare kept");
 
     // A clone that calls leaves its spent copy as the spare, and the next one takes it.
     balance.clone().oneshot(()).await.unwrap();
-    assert_eq!(copies.live(), 2, "the spare is kept");
-    let made = copies.made();
+    assert_eq!(set.copies.live(), 2, "the spare is kept");
+    let made = set.copies.made();
     for _ in 0..10 {
         balance.clone().oneshot(()).await.unwrap();
     }
-    assert_eq!(copies.made(), made, "ten clones took the spare in turn");
-    assert_eq!(held(&permits_held), 0);
+    assert_eq!(set.copies.made(), made, "ten clones took the spare in turn");
+    assert_eq!(held(&set.held), 0);
 
     // Dropping the balancer drops the service and its spare.
-    drop(balance);
-    settle().await;
-    assert_eq!(copies.live(), 0);
+    all_copies_go_with(balance, &set.copies).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_copy_left_pending_is_dropped_not_left_as_a_spare() {
     // Endpoint 0 stays pending (its copies queue); round-robin passes to endpoint 1.
-    let PermitSet {
-        held: permits_held,
-        copies,
-        endpoints,
-        ..
-    } = permits(&[false, true]);
-    let balance = Balance::new(discover::fixed(endpoints), RoundRobin::new());
+    let set = permits(&[false, true]);
+    let balance = Balance::new(discover::fixed(set.endpoints), RoundRobin::new());
     for request in 0..10 {
         balance.clone().oneshot(()).await.unwrap();
         assert_eq!(
-            held(&permits_held),
+            held(&set.held),
             0,
             "request {request}: the clone that queued on endpoint 0 dropped that copy"
         );
     }
-    drop(balance);
-    settle().await;
-    assert_eq!(copies.live(), 0);
+    all_copies_go_with(balance, &set.copies).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_reservation_dropped_for_a_new_table_is_not_left_as_a_spare() {
-    let PermitSet {
-        held: permits_held,
-        copies,
-        endpoints,
-        ..
-    } = permits(&[true, true]);
+    let set = permits(&[true, true]);
     let (handle, source) = discover::channel();
-    for (key, service) in endpoints {
+    for (key, service) in set.endpoints {
         handle.insert(key, service);
     }
     let balance = Balance::new(source, RoundRobin::new());
@@ -310,49 +299,34 @@ async fn a_reservation_dropped_for_a_new_table_is_not_left_as_a_spare() {
         .unwrap();
     settle().await;
     clone.ready().await.unwrap().call(()).await.unwrap();
-    assert_eq!(
-        held(&permits_held),
-        1,
-        "the first reservation is still held"
-    );
+    assert_eq!(held(&set.held), 1, "the first reservation is still held");
     drop(clone);
-    assert_eq!(held(&permits_held), 0, "and released with its copy");
-    drop((balance, handle));
-    settle().await;
-    assert_eq!(copies.live(), 0);
+    assert_eq!(held(&set.held), 0, "and released with its copy");
+    all_copies_go_with((balance, handle), &set.copies).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_keyed_copy_not_ready_at_call_is_not_left_as_a_spare() {
-    let PermitSet {
-        held: permits_held,
-        copies,
-        gates,
-        endpoints,
-    } = permits(&[false]);
+    let set = permits(&[false]);
     let balance = BalanceLayer::new(ConsistentHash::maglev())
         .key(key_fn(|_: &()| Some(b"k")))
-        .layer(discover::fixed(endpoints));
+        .layer(discover::fixed(set.endpoints));
     let mut clone = balance.clone();
     let response = clone.ready().await.unwrap().call(());
     // Not ready at `call`: the response future readies a copy of its own.
-    assert!(held(&permits_held) >= 1, "the clone's copy queued");
+    assert!(held(&set.held) >= 1, "the clone's copy queued");
     drop(response);
     drop(clone);
-    assert_eq!(
-        held(&permits_held),
-        0,
-        "the queued copy went with the clone"
-    );
+    assert_eq!(held(&set.held), 0, "the queued copy went with the clone");
     // Once the endpoint is ready, clones made per request reuse one spare again.
-    gates[0].store(true, Ordering::SeqCst);
+    set.gates[0].store(true, Ordering::SeqCst);
     balance.clone().oneshot(()).await.unwrap();
-    let made = copies.made();
+    let made = set.copies.made();
     for _ in 0..5 {
         balance.clone().oneshot(()).await.unwrap();
     }
-    assert_eq!(copies.made(), made);
-    assert_eq!(held(&permits_held), 0);
+    assert_eq!(set.copies.made(), made);
+    assert_eq!(held(&set.held), 0);
 }
 
 /// Clones made per request on two threads at once pass spares between them: every copy made
