@@ -11,7 +11,10 @@
 #
 # nginx runs 2 workers with an upstream keepalive pool of 32 and the usual forwarding headers
 # (Host, X-Forwarded-For/-Proto/-Host); the proxy runs tokio's default
-# (one worker thread per core). wrk uses 2 threads and 64 connections. On a 2-core machine
+# (one worker thread per core) and keeps up to 64 idle connections per backend, what nginx's
+# two workers keep at most (32 each, for the whole upstream): with a hashed key every request
+# goes to one backend, and a smaller cap than the 64 connections wrk keeps busy would make
+# the proxy open and close connections that nginx keeps. wrk uses 2 threads and 64 connections. On a 2-core machine
 # the load generator, the server and the backends share the cores, so the figures are
 # relative; the load average before and after is recorded, and measurements taken while other
 # work runs are noise. Installs nginx and wrk from Debian's packages if they are missing.
@@ -74,18 +77,19 @@ to_ms() {
     }'
 }
 
-# Runs wrk against URL (with extra wrk arguments) while counting the CPU of PIDS; prints
+# Runs wrk against URL (sending HEADER, if not empty) while counting the CPU of PIDS; prints
 # "RPS P90_MS P99_MS CPU_US_PER_REQUEST".
 measure() {
-    local url=$1 pids=$2 extra=$3
+    local url=$1 pids=$2 header=$3
+    # One argument per word: wrk drops a header written without a space after the colon.
+    local extra=()
+    [ -n "$header" ] && extra=(-H "$header")
     # A short warm-up, so both servers start with connections open.
-    # shellcheck disable=SC2086
-    wrk -t2 -c64 -d1s $extra "$url" >/dev/null
+    wrk -t2 -c64 -d1s "${extra[@]}" "$url" >/dev/null
     local before after out
     # shellcheck disable=SC2086
     before=$(cpu_ticks $pids)
-    # shellcheck disable=SC2086
-    out=$(wrk -t2 -c64 -d"${DURATION}s" --latency $extra "$url")
+    out=$(wrk -t2 -c64 -d"${DURATION}s" --latency "${extra[@]}" "$url")
     # shellcheck disable=SC2086
     after=$(cpu_ticks $pids)
     local rps requests p90 p99
@@ -176,6 +180,7 @@ start_proxy() {
         --backend "127.0.0.1:${BACKENDS[0]}${weights[0]}" \
         --backend "127.0.0.1:${BACKENDS[1]}${weights[1]}" \
         --backend "127.0.0.1:${BACKENDS[2]}${weights[2]}" \
+        --upstream-max-idle 64 \
         --strategy "$(proxy_strategy "$1")" >"$TMP/proxy.log" 2>&1 &
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
@@ -190,8 +195,8 @@ stop_proxy() {
 
 # One measurement of SERVER (nginx-a, nginx-b or proxy) with ALGO; appends a line to RAW.
 run_one() {
-    local server=$1 algo=$2 scenario=$3 extra=""
-    [ "$algo" = hash-xff ] && extra="-H X-Forwarded-For:198.51.100.7"
+    local server=$1 algo=$2 scenario=$3 header=""
+    [ "$algo" = hash-xff ] && header="X-Forwarded-For: 198.51.100.7"
     local url
     if [ "$server" = proxy ]; then
         start_proxy "$algo"
@@ -201,7 +206,7 @@ run_one() {
         url="http://127.0.0.1:$NGINX_PORT/"
     fi
     local result
-    result=$(measure "$url" "$SERVER_PIDS" "$extra")
+    result=$(measure "$url" "$SERVER_PIDS" "$header")
     if [ "$server" = proxy ]; then stop_proxy; else stop_nginx; fi
     echo "$scenario $algo $server $result" >>"$TMP/raw"
     echo "  $scenario $algo $server: $result (req/s p90 p99 cpu-us/req)"
