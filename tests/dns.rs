@@ -43,6 +43,7 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 /// Polls `check` every 10 ms until it holds (bounded by [`STEP`]); returns how long it took.
+/// Real time: what it waits for is a real dnsmasq answering over real sockets.
 async fn until(what: &str, mut check: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     within(what, async {
@@ -208,6 +209,7 @@ async fn addresses_added_and_removed_while_requests_flow_are_seen_within_the_flo
                 }
                 *answered.lock().unwrap().entry(local.parse()?).or_default() += 1;
                 sent += 1;
+                // Paces the load on real sockets and a real dnsmasq (real time, bounded above).
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Ok(sent)

@@ -103,22 +103,28 @@ fn a_failing_backend_answers_errors_only_in_the_middle_third() {
     assert!(rr.p999 < Duration::from_millis(500), "{:?}", rr.p999);
 }
 
-#[test]
-fn least_time_passes_over_a_slow_backend_that_least_connections_keeps_using() {
-    // Long enough that the slow backend's share is a few hundred requests, not a handful.
-    let (slow, n) = (scenario("one-10x-slow"), 15_000);
+/// `n` requests of `scenario` through least connections, then through least time.
+fn least_conn_and_least_time(scenario: &Scenario, n: usize) -> (Summary, Summary) {
     let lc = simulate_n(
-        &slow,
+        scenario,
         "least-conn",
         &ours(tower_lb::strategy::LeastConnections::new()),
         n,
     );
     let lt = simulate_n(
-        &slow,
+        scenario,
         "least-time",
         &ours(tower_lb::strategy::LeastTime::new()),
         n,
     );
+    (lc, lt)
+}
+
+#[test]
+fn least_time_passes_over_a_slow_backend_that_least_connections_keeps_using() {
+    // Long enough that the slow backend's share is a few hundred requests, not a handful.
+    let (slow, n) = (scenario("one-10x-slow"), 15_000);
+    let (lc, lt) = least_conn_and_least_time(&slow, n);
     // Least connections sends the slow backend a request whenever it is the least loaded;
     // least time holds it against the others' latency.
     assert!(
@@ -134,18 +140,7 @@ fn least_time_passes_over_a_slow_backend_that_least_connections_keeps_using() {
 fn least_time_passes_over_a_hanging_backend() {
     // Long enough (11 s of virtual time) for the hang to outlast the client's 1 s timeout.
     let (hang, n) = (scenario("hang"), 15_000);
-    let lc = simulate_n(
-        &hang,
-        "least-conn",
-        &ours(tower_lb::strategy::LeastConnections::new()),
-        n,
-    );
-    let lt = simulate_n(
-        &hang,
-        "least-time",
-        &ours(tower_lb::strategy::LeastTime::new()),
-        n,
-    );
+    let (lc, lt) = least_conn_and_least_time(&hang, n);
     // Timed-out requests leave least connections' count, so it keeps trying the hanging
     // backend; least time takes the wait as the backend's latency.
     assert!(lt.errors * 2 < lc.errors, "{} vs {}", lt.errors, lc.errors);

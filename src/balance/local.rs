@@ -197,13 +197,17 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let first = snapshot.picker.pick(&endpoints, &mut pick_cx);
         let pending = match first {
             Some(index) if index < n => {
-                match poll_endpoint::<S, P, Req>(snapshot, &mut self.copies, index, cx, messages) {
+                match poll_endpoint::<S, P, Req>(
+                    snapshot,
+                    &mut self.copies,
+                    &mut self.tainted,
+                    index,
+                    cx,
+                    messages,
+                ) {
                     Poll::Ready(true) => return Poll::Ready(Some(index)),
                     Poll::Ready(false) => false,
-                    Poll::Pending => {
-                        self.tainted = true;
-                        true
-                    }
+                    Poll::Pending => true,
                 }
             }
             _ => return self.scan::<Req>(cx, messages, false),
@@ -225,7 +229,6 @@ impl<S: Clone, P: Picker> Local<S, P> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
-        self.tainted = true;
         let Some(snapshot) = self.snapshot.as_deref() else {
             return Poll::Ready(None);
         };
@@ -240,7 +243,14 @@ impl<S: Clone, P: Picker> Local<S, P> {
             if index >= n {
                 break;
             }
-            match poll_endpoint::<S, P, Req>(snapshot, &mut self.copies, index, cx, messages) {
+            match poll_endpoint::<S, P, Req>(
+                snapshot,
+                &mut self.copies,
+                &mut self.tainted,
+                index,
+                cx,
+                messages,
+            ) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
@@ -263,7 +273,6 @@ impl<S: Clone, P: Picker> Local<S, P> {
         S: Service<Req>,
         S::Error: Into<BoxError>,
     {
-        self.tainted = true;
         let Some(snapshot) = self.snapshot.as_deref() else {
             return Poll::Ready(None);
         };
@@ -274,7 +283,14 @@ impl<S: Clone, P: Picker> Local<S, P> {
         let start = self.pick.rng.below(n);
         for offset in 0..n {
             let index = (start + offset) % n;
-            match poll_endpoint::<S, P, Req>(snapshot, &mut self.copies, index, cx, messages) {
+            match poll_endpoint::<S, P, Req>(
+                snapshot,
+                &mut self.copies,
+                &mut self.tainted,
+                index,
+                cx,
+                messages,
+            ) {
                 Poll::Ready(true) => return Poll::Ready(Some(index)),
                 Poll::Ready(false) => {}
                 Poll::Pending => pending = true,
@@ -386,10 +402,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
         else {
             return Err(request);
         };
-        let Some(copy) = self.copies.find(source.slot, source.id) else {
-            return Err(request);
-        };
-        let Some(service) = copy.service.as_mut() else {
+        let Some(service) = self.copies.live(source.slot, source.id) else {
             return Err(request);
         };
         let Some(guard) = handle.try_dispatch(snapshot.unavailable, source.id) else {
@@ -550,11 +563,12 @@ impl<S: Clone, P: Picker> Local<S, P> {
 
 /// Polls endpoint `index` for readiness through this clone's copy of its service. A failed
 /// endpoint is counted, never polled or called by this clone again, and reported to the
-/// discovery task.
+/// discovery task; a pending one sets `tainted`.
 #[inline(always)]
 fn poll_endpoint<S, P, Req>(
     snapshot: &Snapshot<S, P>,
     copies: &mut Copies<S>,
+    tainted: &mut bool,
     index: usize,
     cx: &mut Context<'_>,
     messages: &mpsc::UnboundedSender<Message>,
@@ -574,7 +588,11 @@ where
     };
     match service.poll_ready(cx) {
         Poll::Ready(Ok(())) => Poll::Ready(true),
-        Poll::Pending => Poll::Pending,
+        Poll::Pending => {
+            // Its readiness may now hold a place in a queue: see [`Local::tainted`].
+            *tainted = true;
+            Poll::Pending
+        }
         Poll::Ready(Err(error)) => {
             let error: BoxError = error.into();
             tracing::debug!(%error, "endpoint failed poll_ready");
@@ -675,7 +693,7 @@ impl<S> Copies<S> {
     }
 
     /// The copy of service `id` in `slot`, if this clone has it and it has not failed.
-    #[cfg(test)]
+    #[inline(always)]
     fn live(&mut self, slot: u32, id: u64) -> Option<&mut S> {
         self.find(slot, id)?.service.as_mut()
     }

@@ -70,12 +70,6 @@ impl<T> Spare<T> {
     }
 }
 
-impl<T> Default for Spare<T> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(tower_lb_loom)]
 use loom::cell::UnsafeCell;
 
