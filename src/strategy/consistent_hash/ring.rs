@@ -34,8 +34,8 @@ pub(super) enum KeyBits {
 /// Lookups first read a bucket index over the top bits of the hash, then search the points
 /// of that bucket (binary search; in packed rings, a guess by interpolation and a walk from
 /// it, expected O(1) as points are uniform, at worst the bucket's size): a few cache lines
-/// instead of ~20 for a plain binary search over a large ring. The index has about one bucket per two points,
-/// and at most 65,536 buckets (256 KB).
+/// instead of ~20 for a plain binary search over a large ring. The index has about one
+/// bucket per two points, and at most 65,536 buckets (256 KB).
 ///
 /// Large rings (2¹⁵ points or more, with at most 65,536 endpoints) are *packed*: with 2¹⁶
 /// buckets the top half of a point's hash is its bucket, so a point is stored as the low half
