@@ -11,6 +11,8 @@
 //!   all timed in turns in the same run. It prints what each adds over the direct call and that
 //!   as a multiple of what the reference adds, against the targets; then the build
 //!   time of the consistent-hashing tables at N = 4096.
+//! - **key hashing** (`overhead/keys.rs`): what hashing a request key costs by its length,
+//!   for the stable hash and nginx's CRC-32.
 //! - **throughput** (`overhead/threads.rs`): 16 clones on 2 threads, N = 16.
 //! - **clone per request** (`overhead/clones.rs`): a new clone per request, as axum, hyper and
 //!   tonic use a service, beside the long-lived clone and tower's p2c behind a `Buffer`
@@ -19,8 +21,8 @@
 //!
 //! Run with `cargo bench --bench overhead` (a few minutes). Environment:
 //! `OVERHEAD_QUICK=1` runs a short pass; `OVERHEAD_N=2,16,256,4096,65536` chooses the N of the
-//! strategy table (default 16 and 4096); `OVERHEAD_ONLY=strategies` (or `tables`, `threads`, `clones`,
-//! comma-separated) runs only those sections. Under `cargo test --benches` everything runs
+//! strategy table (default 16 and 4096); `OVERHEAD_ONLY=strategies` (or `keys`, `tables`, `threads`,
+//! `clones`, comma-separated) runs only those sections. Under `cargo test --benches` everything runs
 //! once, briefly, as a smoke test, and no table is printed.
 //!
 //! Targets are printed beside the figures, never asserted.
@@ -42,6 +44,8 @@ use tower_lb::{strategy::RoundRobin, Balance, BalanceLayer};
 
 #[path = "overhead/clones.rs"]
 mod clones;
+#[path = "overhead/keys.rs"]
+mod keys;
 #[path = "overhead/reference.rs"]
 mod reference;
 #[path = "overhead/strategies.rs"]
@@ -239,6 +243,15 @@ fn main() {
         if measuring {
             strategies::print(&figures, rounds, per_round);
         }
+    }
+
+    if wanted("keys") {
+        let (rounds, per_round) = if measuring {
+            (11, 1_000_000)
+        } else {
+            (1, 1_000)
+        };
+        keys::measure(rounds, per_round, measuring);
     }
 
     if wanted("tables") {
