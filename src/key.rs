@@ -87,6 +87,7 @@ where
     F: Fn(&Req) -> Option<T> + Send + Sync + 'static,
     T: AsRef<[u8]>,
 {
+    #[inline]
     fn hash_key(&self, request: &Req, hasher: &mut KeyHasher) -> bool {
         match (self.0)(request) {
             Some(key) => {

@@ -382,6 +382,47 @@ async fn a_request_without_a_key_gets_the_configured_fallback() {
     }
 }
 
+/// A keyed `poll_ready` first looks at the endpoint the clone used last: it stays ready while
+/// any endpoint can take a request once that one is drained (before the next table is
+/// published, so the clone still lists it), and fails once none can.
+#[tokio::test(flavor = "current_thread")]
+async fn keyed_readiness_follows_the_endpoints_not_the_last_one_used() {
+    for strategy in [ConsistentHash::maglev(), ConsistentHash::ring()] {
+        let mut balance = BalanceLayer::new(strategy)
+            .key(request_key())
+            .layer(discover::fixed(endpoints(3)));
+        let handle = balance.handle();
+        let key = "user-7".to_string();
+        let home = balance
+            .ready()
+            .await
+            .unwrap()
+            .call(key.clone())
+            .await
+            .unwrap();
+
+        // Its endpoint is drained: still ready, and the key goes elsewhere.
+        let _drain = handle.drain(&home).unwrap();
+        let answer = balance
+            .ready()
+            .await
+            .unwrap()
+            .call(key.clone())
+            .await
+            .unwrap();
+        assert_ne!(answer, home);
+
+        // Every endpoint is drained: readiness fails with the typed error.
+        let _drains: Vec<_> = (0..3).filter_map(|i| handle.drain(&name(i)).ok()).collect();
+        let error = balance.ready().await.unwrap_err();
+        assert_eq!(
+            error.downcast_ref::<Error>(),
+            Some(&Error::NoEndpoints),
+            "{error}"
+        );
+    }
+}
+
 #[test]
 fn invalid_configuration_is_rejected_with_a_reason() {
     let error = ConsistentHash::maglev().table_size(100_000).unwrap_err();

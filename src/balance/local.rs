@@ -33,6 +33,9 @@ use crate::util::sync::Arc;
 /// Copies a new clone keeps inline, before it needs a table indexed by slot.
 const FEW: usize = 2;
 
+/// Spreads clone numbers over the endpoints (the golden ratio, as in Fibonacci hashing).
+const SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// [`Local::version`] before the clone has a table.
 pub(super) const NO_VERSION: u64 = u64::MAX;
 
@@ -65,6 +68,12 @@ pub(super) struct Local<S, P: Picker> {
     picker_local: P::Local,
     /// The bounded wait for endpoints, while one runs.
     pub(super) wait: Option<Pin<Box<Waiting>>>,
+    /// Where a keyed `poll_ready` looks first for an endpoint that may take the request: the
+    /// endpoint of this clone's last keyed request, or the last one its search found. So a
+    /// keyed `poll_ready` usually reads the state of an endpoint this clone has just used,
+    /// not the first endpoint's, which every clone on every thread would read while that
+    /// endpoint's own requests write it.
+    usable_at: u32,
     /// A copy may have been polled without being called since: it was pending, or not ready
     /// for a keyed request, or the picker's first choice was not ready and others were polled,
     /// or a reservation was dropped for a new table. Such a copy may hold something for its
@@ -130,6 +139,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
             pick,
             picker_local: P::Local::default(),
             wait: None,
+            usable_at: u32::MAX,
             tainted: false,
         }
     }
@@ -304,18 +314,45 @@ impl<S: Clone, P: Picker> Local<S, P> {
     }
 
     /// Whether any endpoint of the table may take a keyed request from this clone.
-    pub(super) fn any_usable(&self) -> bool {
+    ///
+    /// Looks first at [`Local::usable_at`], usually an endpoint this clone has just used; the
+    /// full search is out of line.
+    #[inline]
+    pub(super) fn any_usable(&mut self) -> bool {
         let Some(snapshot) = self.snapshot.as_deref() else {
             return false;
         };
+        let at = self.usable_at as usize;
+        if let (Some(handle), Some(source)) = (snapshot.endpoints.get(at), snapshot.sources.get(at))
+        {
+            if handle.flags() & snapshot.unavailable == 0
+                && !self.copies.is_dead(source.slot, source.id)
+            {
+                return true;
+            }
+        }
+        self.find_usable()
+    }
+
+    /// [`Local::any_usable`]'s search: every endpoint, from one chosen by the clone's number
+    /// (so that clones do not all start at the first), remembering the one found.
+    #[cold]
+    #[inline(never)]
+    fn find_usable(&mut self) -> bool {
+        let Some(snapshot) = self.snapshot.as_deref() else {
+            return false;
+        };
+        let n = snapshot.endpoints.len();
+        let start = crate::util::rng::split(self.pick.cursor.wrapping_mul(SPREAD), n).0;
         let unavailable = snapshot.unavailable;
-        snapshot
-            .endpoints
-            .iter()
-            .zip(snapshot.sources.iter())
-            .any(|(handle, source)| {
-                handle.flags() & unavailable == 0 && !self.copies.is_dead(source.slot, source.id)
-            })
+        let found = (0..n).map(|k| (start + k) % n).find(|&index| {
+            let (handle, source) = (&snapshot.endpoints[index], &snapshot.sources[index]);
+            handle.flags() & unavailable == 0 && !self.copies.is_dead(source.slot, source.id)
+        });
+        if let Some(index) = found {
+            self.usable_at = index as u32;
+        }
+        found.is_some()
     }
 
     /// Sends `request` where `poll_ready` reserved, or, for keyed strategies, where its key
@@ -376,6 +413,7 @@ impl<S: Clone, P: Picker> Local<S, P> {
             };
             return ResponseFuture::failed(error, completion.clone());
         };
+        self.usable_at = index as u32;
         match self.dispatch(index, request, false, completion) {
             Ok(future) => future,
             Err(request) => self.redirect(request, key_hash, shared, completion),
