@@ -334,6 +334,12 @@ impl<S: Clone, P: Picker> Local<S, P> {
         self.find_usable()
     }
 
+    /// [`Local::any_usable`], not inlined: for strategies that are only sometimes keyed.
+    #[inline(never)]
+    pub(super) fn any_usable_out_of_line(&mut self) -> bool {
+        self.any_usable()
+    }
+
     /// [`Local::any_usable`]'s search: every endpoint, from one chosen by the clone's number
     /// (so that clones do not all start at the first), remembering the one found.
     #[cold]

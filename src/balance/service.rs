@@ -204,7 +204,14 @@ where
             return self.poll_no_endpoints(version, cx);
         };
         let usable = if snapshot.keyed {
-            self.local.any_usable().then_some(Reserved::Keyed)
+            // Inline only where every picker is keyed: other strategies (a `Swappable` may
+            // hold a keyed one) keep their unkeyed `poll_ready` small.
+            let any = if St::KEYED {
+                self.local.any_usable()
+            } else {
+                self.local.any_usable_out_of_line()
+            };
+            any.then_some(Reserved::Keyed)
         } else {
             match self.local.pick_ready::<Req>(cx, &self.shared.messages) {
                 Poll::Ready(found) => found.map(Reserved::Endpoint),
