@@ -423,6 +423,37 @@ async fn keyed_readiness_follows_the_endpoints_not_the_last_one_used() {
     }
 }
 
+/// The same through a strategy that is keyed only at run time (a `Swappable` swapped to
+/// Maglev), whose keyed readiness takes another (out-of-line) path.
+#[tokio::test(flavor = "current_thread")]
+async fn keyed_readiness_also_holds_when_the_strategy_is_swapped_in() {
+    let swappable = tower_lb::strategy::Swappable::new(tower_lb::strategy::RoundRobin::new());
+    let swap = swappable.handle();
+    let mut balance = BalanceLayer::new(swappable)
+        .key(request_key())
+        .layer(discover::fixed(endpoints(3)));
+    let handle = balance.handle();
+    balance.ready().await.unwrap();
+    swap.swap(ConsistentHash::maglev());
+    settle().await;
+    let key = "user-7".to_string();
+    let home = balance.ready().await.unwrap().call(key.clone()).await.unwrap();
+    for _ in 0..5 {
+        let again = balance.ready().await.unwrap().call(key.clone()).await.unwrap();
+        assert_eq!(again, home, "the key keeps its endpoint");
+    }
+    let _drain = handle.drain(&home).unwrap();
+    let answer = balance.ready().await.unwrap().call(key.clone()).await.unwrap();
+    assert_ne!(answer, home);
+    let _drains: Vec<_> = (0..3).filter_map(|i| handle.drain(&name(i)).ok()).collect();
+    let error = balance.ready().await.unwrap_err();
+    assert_eq!(
+        error.downcast_ref::<Error>(),
+        Some(&Error::NoEndpoints),
+        "{error}"
+    );
+}
+
 #[test]
 fn invalid_configuration_is_rejected_with_a_reason() {
     let error = ConsistentHash::maglev().table_size(100_000).unwrap_err();
