@@ -62,6 +62,20 @@ where
     answers
 }
 
+/// The endpoint that answers `key`.
+async fn answer<S>(balance: &mut S, key: &str) -> String
+where
+    S: Service<String, Response = String, Error = BoxError>,
+{
+    balance
+        .ready()
+        .await
+        .unwrap()
+        .call(key.to_string())
+        .await
+        .unwrap()
+}
+
 /// How many keys answer differently.
 fn moved(before: &[String], after: &[String]) -> usize {
     before.iter().zip(after).filter(|(a, b)| a != b).count()
@@ -382,9 +396,31 @@ async fn a_request_without_a_key_gets_the_configured_fallback() {
     }
 }
 
-/// A keyed `poll_ready` first looks at the endpoint the clone used last: it stays ready while
-/// any endpoint can take a request once that one is drained (before the next table is
-/// published, so the clone still lists it), and fails once none can.
+/// Drains the endpoint of `user-7`, then every endpoint, through `handle`: `balance` stays
+/// ready and sends the key elsewhere, then fails readiness with the typed error. The drains
+/// set the endpoints' flags at once, before a new table is published, so the clone still
+/// lists them: a keyed `poll_ready` first looks at the endpoint the clone used last, and must
+/// look on past it.
+async fn keyed_readiness_follows_drains<S>(
+    balance: &mut S,
+    handle: &tower_lb::BalanceHandle<String>,
+) where
+    S: Service<String, Response = String, Error = BoxError>,
+{
+    let home = answer(balance, "user-7").await;
+    let _drain = handle.drain(&home).unwrap();
+    assert_ne!(answer(balance, "user-7").await, home);
+    let _drains: Vec<_> = (0..3).filter_map(|i| handle.drain(&name(i)).ok()).collect();
+    let Err(error) = balance.ready().await else {
+        panic!("ready with every endpoint drained");
+    };
+    assert_eq!(
+        error.downcast_ref::<Error>(),
+        Some(&Error::NoEndpoints),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn keyed_readiness_follows_the_endpoints_not_the_last_one_used() {
     for strategy in [ConsistentHash::maglev(), ConsistentHash::ring()] {
@@ -392,34 +428,7 @@ async fn keyed_readiness_follows_the_endpoints_not_the_last_one_used() {
             .key(request_key())
             .layer(discover::fixed(endpoints(3)));
         let handle = balance.handle();
-        let key = "user-7".to_string();
-        let home = balance
-            .ready()
-            .await
-            .unwrap()
-            .call(key.clone())
-            .await
-            .unwrap();
-
-        // Its endpoint is drained: still ready, and the key goes elsewhere.
-        let _drain = handle.drain(&home).unwrap();
-        let answer = balance
-            .ready()
-            .await
-            .unwrap()
-            .call(key.clone())
-            .await
-            .unwrap();
-        assert_ne!(answer, home);
-
-        // Every endpoint is drained: readiness fails with the typed error.
-        let _drains: Vec<_> = (0..3).filter_map(|i| handle.drain(&name(i)).ok()).collect();
-        let error = balance.ready().await.unwrap_err();
-        assert_eq!(
-            error.downcast_ref::<Error>(),
-            Some(&Error::NoEndpoints),
-            "{error}"
-        );
+        keyed_readiness_follows_drains(&mut balance, &handle).await;
     }
 }
 
@@ -436,22 +445,12 @@ async fn keyed_readiness_also_holds_when_the_strategy_is_swapped_in() {
     balance.ready().await.unwrap();
     swap.swap(ConsistentHash::maglev());
     settle().await;
-    let key = "user-7".to_string();
-    let home = balance.ready().await.unwrap().call(key.clone()).await.unwrap();
+    let home = answer(&mut balance, "user-7").await;
     for _ in 0..5 {
-        let again = balance.ready().await.unwrap().call(key.clone()).await.unwrap();
-        assert_eq!(again, home, "the key keeps its endpoint");
+        let again = answer(&mut balance, "user-7").await;
+        assert_eq!(again, home, "keyed now: the key keeps its endpoint");
     }
-    let _drain = handle.drain(&home).unwrap();
-    let answer = balance.ready().await.unwrap().call(key.clone()).await.unwrap();
-    assert_ne!(answer, home);
-    let _drains: Vec<_> = (0..3).filter_map(|i| handle.drain(&name(i)).ok()).collect();
-    let error = balance.ready().await.unwrap_err();
-    assert_eq!(
-        error.downcast_ref::<Error>(),
-        Some(&Error::NoEndpoints),
-        "{error}"
-    );
+    keyed_readiness_follows_drains(&mut balance, &handle).await;
 }
 
 #[test]
