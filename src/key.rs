@@ -310,8 +310,8 @@ const CRC32_TABLES: [[u32; 256]; 8] = {
 };
 
 /// Continues a CRC-32 (IEEE, reflected) over `bytes`; start with `!0`, finish with `!crc`.
-/// Eight bytes at a time (eight independent table reads instead of a chain of eight), the
-/// rest byte by byte.
+/// Eight bytes at a time (eight independent table reads instead of a chain of eight), then
+/// four, then the rest byte by byte.
 pub(crate) fn crc32_update(mut crc: u32, bytes: &[u8]) -> u32 {
     let t = &CRC32_TABLES;
     let mut words = bytes.chunks_exact(8);
@@ -327,7 +327,16 @@ pub(crate) fn crc32_update(mut crc: u32, bytes: &[u8]) -> u32 {
             ^ t[1][((high >> 16) & 0xff) as usize]
             ^ t[0][(high >> 24) as usize];
     }
-    for &byte in words.remainder() {
+    let mut rest = words.remainder();
+    if let Some((word, tail)) = rest.split_first_chunk::<4>() {
+        let low = u32::from_le_bytes(*word) ^ crc;
+        crc = t[3][(low & 0xff) as usize]
+            ^ t[2][((low >> 8) & 0xff) as usize]
+            ^ t[1][((low >> 16) & 0xff) as usize]
+            ^ t[0][(low >> 24) as usize];
+        rest = tail;
+    }
+    for &byte in rest {
         crc = t[0][((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
     }
     crc
