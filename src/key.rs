@@ -313,33 +313,32 @@ const CRC32_TABLES: [[u32; 256]; 8] = {
 /// Eight bytes at a time (eight independent table reads instead of a chain of eight), then
 /// four, then the rest byte by byte.
 pub(crate) fn crc32_update(mut crc: u32, bytes: &[u8]) -> u32 {
-    let t = &CRC32_TABLES;
     let mut words = bytes.chunks_exact(8);
     for word in &mut words {
         let low = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) ^ crc;
         let high = u32::from_le_bytes([word[4], word[5], word[6], word[7]]);
-        crc = t[7][(low & 0xff) as usize]
-            ^ t[6][((low >> 8) & 0xff) as usize]
-            ^ t[5][((low >> 16) & 0xff) as usize]
-            ^ t[4][(low >> 24) as usize]
-            ^ t[3][(high & 0xff) as usize]
-            ^ t[2][((high >> 8) & 0xff) as usize]
-            ^ t[1][((high >> 16) & 0xff) as usize]
-            ^ t[0][(high >> 24) as usize];
+        crc = crc32_four(low, 4) ^ crc32_four(high, 0);
     }
     let mut rest = words.remainder();
     if let Some((word, tail)) = rest.split_first_chunk::<4>() {
-        let low = u32::from_le_bytes(*word) ^ crc;
-        crc = t[3][(low & 0xff) as usize]
-            ^ t[2][((low >> 8) & 0xff) as usize]
-            ^ t[1][((low >> 16) & 0xff) as usize]
-            ^ t[0][(low >> 24) as usize];
+        crc = crc32_four(u32::from_le_bytes(*word) ^ crc, 0);
         rest = tail;
     }
     for &byte in rest {
-        crc = t[0][((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
+        crc = CRC32_TABLES[0][((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
     }
     crc
+}
+
+/// The CRC contribution of four bytes (`word`, little endian) followed by `zeros` zero bytes:
+/// one read from each of four tables.
+#[inline(always)]
+fn crc32_four(word: u32, zeros: usize) -> u32 {
+    let t = &CRC32_TABLES;
+    t[zeros + 3][(word & 0xff) as usize]
+        ^ t[zeros + 2][((word >> 8) & 0xff) as usize]
+        ^ t[zeros + 1][((word >> 16) & 0xff) as usize]
+        ^ t[zeros][(word >> 24) as usize]
 }
 
 #[cfg(test)]

@@ -33,9 +33,6 @@ use crate::util::sync::Arc;
 /// Copies a new clone keeps inline, before it needs a table indexed by slot.
 const FEW: usize = 2;
 
-/// Spreads clone numbers over the endpoints (the golden ratio, as in Fibonacci hashing).
-const SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
-
 /// [`Local::version`] before the clone has a table.
 pub(super) const NO_VERSION: u64 = u64::MAX;
 
@@ -323,13 +320,8 @@ impl<S: Clone, P: Picker> Local<S, P> {
             return false;
         };
         let at = self.usable_at as usize;
-        if let (Some(handle), Some(source)) = (snapshot.endpoints.get(at), snapshot.sources.get(at))
-        {
-            if handle.flags() & snapshot.unavailable == 0
-                && !self.copies.is_dead(source.slot, source.id)
-            {
-                return true;
-            }
+        if at < snapshot.endpoints.len() && may_take(snapshot, &self.copies, at) {
+            return true;
         }
         self.find_usable()
     }
@@ -349,12 +341,10 @@ impl<S: Clone, P: Picker> Local<S, P> {
             return false;
         };
         let n = snapshot.endpoints.len();
-        let start = crate::util::rng::split(self.pick.cursor.wrapping_mul(SPREAD), n).0;
-        let unavailable = snapshot.unavailable;
-        let found = (0..n).map(|k| (start + k) % n).find(|&index| {
-            let (handle, source) = (&snapshot.endpoints[index], &snapshot.sources[index]);
-            handle.flags() & unavailable == 0 && !self.copies.is_dead(source.slot, source.id)
-        });
+        let start = crate::util::rng::split(crate::key::mix64(self.pick.cursor), n).0;
+        let found = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&index| may_take(snapshot, &self.copies, index));
         if let Some(index) = found {
             self.usable_at = index as u32;
         }
@@ -603,6 +593,15 @@ impl<S: Clone, P: Picker> Local<S, P> {
             .pick(&endpoints, &mut cx)
             .filter(|&index| index < endpoints.len())
     }
+}
+
+/// Whether endpoint `index` (below the table's length) may take a request from the clone
+/// with these copies: it is available and the clone's copy of its service has not failed.
+#[inline(always)]
+fn may_take<S, P>(snapshot: &Snapshot<S, P>, copies: &Copies<S>, index: usize) -> bool {
+    let source = &snapshot.sources[index];
+    snapshot.endpoints[index].flags() & snapshot.unavailable == 0
+        && !copies.is_dead(source.slot, source.id)
 }
 
 /// Polls endpoint `index` for readiness through this clone's copy of its service. A failed
