@@ -1334,10 +1334,29 @@ fn proxy_binary() -> std::path::PathBuf {
         dir.pop();
     }
     // Built (or found up to date) with this test's features, so it is never a stale copy.
-    let built = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--example", "proxy", "--all-features", "--quiet"])
-        .status()
-        .unwrap();
+    // Without the variables Cargo sets for this test binary (`CARGO_PKG_NAME`,
+    // `CARGO_MANIFEST_DIR`…): ring's build script tracks some of them, so inherited they made
+    // every run rebuild ring and the crates above it, some 9 s, and the next plain build
+    // rebuild them back.
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build.args(["build", "--example", "proxy", "--all-features", "--quiet"]);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_for_tests = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || name == "CARGO_PRIMARY_PACKAGE"
+            || name == "CARGO_TARGET_TMPDIR";
+        if set_for_tests {
+            build.env_remove(&*name);
+        }
+    }
+    let built = build.status().unwrap();
     assert!(built.success(), "building the proxy example");
     dir.join("examples").join("proxy")
 }
